@@ -1,0 +1,30 @@
+"""The `motiondirector` command line. Each area registers its commands from motiondirector/commands/.
+
+Heavy imports (torch, diffusers, Ray) happen inside the commands, so `--help` stays fast and
+`motiondirector/` itself never imports Ray: Ray-based commands import `pipelines`/`serve` lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="MotionDirector: customize the motion of text-to-video diffusion models.")
+
+
+
+@app.callback()
+def _root() -> None:
+    """MotionDirector: customize the motion of text-to-video diffusion models."""
+
+
+_COMMAND_MODULES = ("targets",)
+
+for _name in _COMMAND_MODULES:
+    importlib.import_module(f"motiondirector.commands.{_name}").register(app)
+
+
+def main() -> None:
+    app()
