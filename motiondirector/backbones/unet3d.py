@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -45,11 +46,15 @@ def lora_targets(unet: nn.Module, kind: str) -> list[str]:
     else:
         raise ValueError(f"LoRA kind must be 'spatial' or 'temporal', got {kind!r}")
     names = []
+    wrapped: list[str] = []  # LoRA-wrapped Linears: their own inner Linears are not targets
     for name, module in unet.named_modules():
-        if not isinstance(module, nn.Linear) or not in_block(name):
+        if any(name.startswith(prefix + ".") for prefix in wrapped):
             continue
-        parts = name.split(".")
-        if any(key in parts for key in keys):
+        if isinstance(module, LoraLayer):
+            wrapped.append(name)
+        elif not isinstance(module, nn.Linear):
+            continue
+        if in_block(name) and any(key in name.split(".") for key in keys):
             names.append(name)
     return names
 

@@ -10,6 +10,7 @@ reference code) the scale is the paper's γ.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -62,7 +63,10 @@ def add_adapter(model: nn.Module, name: str, targets: list[str], settings: LoraS
     with fork:
         if seed is not None:
             torch.manual_seed(seed)
-        inject_adapter_in_model(settings.peft_config(targets), model, adapter_name=name)
+        with warnings.catch_warnings():
+            # Several named adapters on one model is the design here, not an accident.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(settings.peft_config(targets), model, adapter_name=name)
     # peft activates only the newest adapter per injection call; routing is ours, so start inactive.
     activate(model, [])
 
