@@ -91,6 +91,7 @@ def sha256_file(path: str | Path) -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp name in the same folder, then rename: readers never see a partial file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; published files must be readable by other users/services
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
