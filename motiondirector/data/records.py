@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 
 def fingerprint(*parts: Any) -> str:
@@ -59,3 +60,70 @@ class CacheRecord:
     @property
     def num_frames(self) -> int:
         return int(self.latent_mean.shape[1])
+
+
+# --- Parquet: the one on-disk/in-flight form of records (local cache and Ray ingestion) ----------
+# Each array is three columns: <name> (raw little-endian bytes), <name>_shape, <name>_dtype, so any
+# pyarrow reader can rebuild it with numpy.frombuffer(...).reshape(shape). `extra` is JSON text.
+_ARRAY_FIELDS = ("latent_mean", "latent_std", "text_embedding")
+
+RECORD_SCHEMA = pa.schema([
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("concept", pa.string()),
+    pa.field("video_path", pa.string(), nullable=False),
+    pa.field("video_index", pa.int64(), nullable=False),
+    pa.field("content_hash", pa.string(), nullable=False),
+    pa.field("clip_index", pa.int64(), nullable=False),
+    pa.field("frame_indices", pa.list_(pa.int64()), nullable=False),
+    pa.field("source_fps", pa.float64(), nullable=False),
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("size", pa.list_(pa.int32()), nullable=False),
+    pa.field("crop", pa.string(), nullable=False),
+    *[pa.field(f"{name}{suffix}", kind, nullable=False) for name in _ARRAY_FIELDS
+      for suffix, kind in (("", pa.large_binary()), ("_shape", pa.list_(pa.int32())), ("_dtype", pa.string()))],
+    pa.field("latent_fingerprint", pa.string(), nullable=False),
+    pa.field("text_fingerprint", pa.string(), nullable=False),
+    pa.field("is_image", pa.bool_(), nullable=False),
+    pa.field("extra", pa.string(), nullable=False),
+])
+# The columns that describe records without their arrays (cheap to read for listings).
+METADATA_COLUMNS = tuple(f.name for f in RECORD_SCHEMA if not f.name.startswith(_ARRAY_FIELDS))
+
+
+def _array_columns(name: str, array: np.ndarray) -> dict[str, Any]:
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return {name: little.tobytes(), f"{name}_shape": list(array.shape), f"{name}_dtype": array.dtype.name}
+
+
+def _array_from(row: dict[str, Any], name: str) -> np.ndarray:
+    dtype = np.dtype(row[f"{name}_dtype"]).newbyteorder("<")
+    array = np.frombuffer(row[name], dtype=dtype).reshape(row[f"{name}_shape"])
+    return array.astype(array.dtype.newbyteorder("="))  # a native-order, writable copy
+
+
+def records_to_table(records: list[CacheRecord]) -> pa.Table:
+    """Records -> a pyarrow Table with RECORD_SCHEMA (round-trips exactly through table_to_records)."""
+    rows = []
+    for record in records:
+        row = {name: getattr(record, name) for name in METADATA_COLUMNS if name not in ("size", "extra")}
+        row["size"] = list(record.size)
+        row["extra"] = json.dumps(record.extra, sort_keys=True)
+        for name in _ARRAY_FIELDS:
+            row.update(_array_columns(name, getattr(record, name)))
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+
+
+def table_to_records(table: pa.Table) -> list[CacheRecord]:
+    """A Table with RECORD_SCHEMA's columns (any order, extra columns ignored) -> records."""
+    missing = [name for name in RECORD_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise ValueError(f"not a cache record table: missing columns {missing}")
+    records = []
+    for row in table.select(RECORD_SCHEMA.names).to_pylist():
+        arrays = {name: _array_from(row, name) for name in _ARRAY_FIELDS}
+        fields = {name: row[name] for name in METADATA_COLUMNS}
+        fields["size"] = tuple(row["size"])
+        fields["extra"] = json.loads(row["extra"])
+        records.append(CacheRecord(**fields, **arrays))
+    return records
