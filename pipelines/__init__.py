@@ -1,0 +1,1 @@
+"""Ray drivers: orchestration only. Decoding, encoding, training and formats live in `motiondirector`."""
