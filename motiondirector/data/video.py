@@ -55,6 +55,11 @@ def _size_or_raise(path: str) -> int:
     return int(size)
 
 
+def _ffmpeg_reason(error: Exception) -> str:
+    """FFmpeg's message without the errno and file name it repeats."""
+    return getattr(error, "strerror", None) or str(error)
+
+
 def _looks_like_video(head: bytes) -> bool:
     return any(head[offset:offset + len(magic)] == magic for offset, magic in _VIDEO_SIGNATURES)
 
@@ -70,8 +75,8 @@ def _open_video(path: str):
             container = av.open(handle, "r")
         except (av.FFmpegError, UnicodeDecodeError) as error:
             if _looks_like_video(head):
-                raise DataError(path, f"truncated or corrupt video (cannot read the container: {error})") from None
-            raise DataError(path, f"not a video (FFmpeg cannot read it: {error})") from None
+                raise DataError(path, f"truncated or corrupt video (cannot read the container: {_ffmpeg_reason(error)})") from None
+            raise DataError(path, f"not a video (FFmpeg cannot read it: {_ffmpeg_reason(error)})") from None
         with container:
             if not container.streams.video:
                 raise DataError(path, "not a video (the file has no video stream)")
@@ -96,7 +101,7 @@ def probe_video(path: str) -> VideoInfo:
             try:
                 num_frames = sum(1 for packet in container.demux(stream) if packet.size)
             except av.FFmpegError as error:
-                raise DataError(path, f"truncated or corrupt video ({error})") from None
+                raise DataError(path, f"truncated or corrupt video ({_ffmpeg_reason(error)})") from None
         width, height = stream.codec_context.width, stream.codec_context.height
     if not num_frames or not width or not height:
         raise DataError(path, f"corrupt video (header says {num_frames} frames of {width}x{height})")
@@ -129,7 +134,7 @@ def read_frames(path: str, frame_indices: Iterable[int]) -> np.ndarray:
                 if decoded > last:
                     break
         except av.FFmpegError as error:
-            raise DataError(path, f"truncated or corrupt video (decoding failed after {decoded} frames: {error})") \
+            raise DataError(path, f"truncated or corrupt video (decoding failed after {decoded} frames: {_ffmpeg_reason(error)})") \
                 from None
     if decoded <= last:
         raise DataError(path, f"truncated or corrupt video (decoded only {decoded} frames, frame {last} was asked for)")
