@@ -159,7 +159,7 @@ def read_image(path: str) -> np.ndarray:
             image = ImageOps.exif_transpose(image).convert("RGB")
         except (OSError, SyntaxError) as error:
             raise DataError(path, f"truncated or corrupt image ({error})") from None
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # a writable copy
 
 
 def _read_chunks(handle: IO[bytes]) -> Iterable[bytes]:
