@@ -31,7 +31,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
 
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.data.records import fingerprint
@@ -41,9 +40,8 @@ from motiondirector.lora.package import (
     LoraKind,
     Manifest,
     PackageError,
+    apply_package,
     atomic_write_bytes,
-    check_compatible,
-    read_package,
     sha256_file,
 )
 from motiondirector.lora.resolve import LoraCatalog, resolve_lora
@@ -134,38 +132,6 @@ class GeneratedVideo:
 
 # --- composing packages -----------------------------------------------------------------------
 
-def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(out, in) of every Linear, also of those already wrapped by a LoRA layer."""
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, inject.LoraLayer):
-            module = module.get_base_layer()
-        elif ".base_layer" in name or ".lora_" in name:
-            continue
-        if isinstance(module, nn.Linear):
-            shapes[name] = (module.out_features, module.in_features)
-    return shapes
-
-
-def load_package_adapter(backbone: BackboneSpec, folder: Path, name: str, kind: LoraKind | None,
-                         scale: float = 1.0) -> tuple[Manifest, str]:
-    """Read a package, check it fits `backbone` (and is of `kind`), add it as adapter `name` at `scale`.
-
-    Returns the manifest and the sha256 of the weights file.
-    """
-    manifest, state = read_package(folder)
-    check_compatible(manifest, backbone.architecture_fingerprint, linear_shapes(backbone.unet), str(folder),
-                     expected_kind=kind)
-    inject.add_adapter(backbone.unet, name, manifest.targets, manifest.settings)
-    try:
-        inject.load_adapter_weights(backbone.unet, name, state)
-    except ValueError as error:
-        inject.remove_adapter(backbone.unet, name)
-        raise PackageError(f"{folder}: {error}") from None
-    inject.set_scale(backbone.unet, name, scale)
-    return manifest, sha256_file(folder / ADAPTER_WEIGHTS)
-
-
 @contextlib.contextmanager
 def composed(backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *, fuse: bool = False,
              catalog: LoraCatalog | None = None) -> Iterator[list[AppliedLora]]:
@@ -182,8 +148,10 @@ def composed(backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *, f
             folder = resolve_lora(choice.reference, kind, catalog).resolve()
             name = f"{role}_{counters[role]}"
             counters[role] += 1
-            manifest, digest = load_package_adapter(backbone, folder, name, kind, choice.scale)
-            applied.append(AppliedLora(name, role, choice.reference, folder, manifest, choice.scale, digest))
+            manifest = apply_package(unet, backbone.architecture_fingerprint, folder, name, expected_kind=kind,
+                                     scale=choice.scale)
+            applied.append(AppliedLora(name, role, choice.reference, folder, manifest, choice.scale,
+                                       sha256_file(folder / ADAPTER_WEIGHTS)))
         with inject.active(unet, [lora.name for lora in applied]):
             if fuse:
                 inject.fuse(unet, [lora.name for lora in applied])

@@ -21,6 +21,7 @@ from motiondirector.lora.package import (
     Manifest,
     PackageError,
     check_compatible,
+    linear_shapes,
     read_manifest,
     read_package,
     write_package,
@@ -104,6 +105,13 @@ def test_check_compatible_says_what_differs(tiny_backbone, tmp_path):
         check_compatible(manifest, "other", shapes, "pkg")
     with pytest.raises(PackageError, match="target modules are missing"):
         check_compatible(manifest, arch, dict(list(shapes.items())[1:]), "pkg")
+    real_shapes = linear_shapes(tiny_backbone.unet)
+    state = random_lora_state(tiny_backbone.unet, manifest.targets, 4, 0)
+    check_compatible(manifest, arch, real_shapes, "pkg", state=state)
+    first = manifest.targets[0]
+    state[f"{first}.lora_A.weight"] = torch.zeros(4, real_shapes[first][1] + 1)
+    with pytest.raises(PackageError, match=rf"LoRA on {first} maps {real_shapes[first][1] + 1} -> "):
+        check_compatible(manifest, arch, real_shapes, "pkg", state=state)
 
 
 # --- references -----------------------------------------------------------------------------

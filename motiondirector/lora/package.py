@@ -22,8 +22,16 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from motiondirector.lora.inject import LoraSettings, state_dict_modules
+from motiondirector.lora.inject import (
+    LoraLayer,
+    LoraSettings,
+    add_adapter,
+    load_adapter_weights,
+    set_scale,
+    state_dict_modules,
+)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -168,10 +176,12 @@ def read_package(folder: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]
 
 
 def check_compatible(manifest: Manifest, architecture: str, module_shapes: dict[str, tuple[int, int]],
-                     source: str, expected_kind: LoraKind | None = None) -> None:
+                     source: str, expected_kind: LoraKind | None = None,
+                     state: dict[str, torch.Tensor] | None = None) -> None:
     """Raise PackageError saying what differs between a package and the model it is loaded into.
 
-    `module_shapes` maps Linear names of the model to (out_features, in_features).
+    `module_shapes` maps Linear names of the model to (out_features, in_features); with `state`
+    (the package weights) every LoRA's shape is checked against its Linear too.
     """
     if expected_kind is not None and manifest.kind != expected_kind:
         raise PackageError(f"{source}: is a {manifest.kind} LoRA, but a {expected_kind} LoRA is needed here "
@@ -183,3 +193,37 @@ def check_compatible(manifest: Manifest, architecture: str, module_shapes: dict[
     if missing:
         raise PackageError(f"{source}: {len(missing)} target modules are missing from the base model, "
                            f"e.g. {missing[0]}")
+    for name in manifest.targets if state is not None else []:
+        out_features, in_features = module_shapes[name]
+        down, up = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+        if down.shape[1] != in_features or up.shape[0] != out_features:
+            raise PackageError(f"{source}: the LoRA on {name} maps {down.shape[1]} -> {up.shape[0]} features, "
+                               f"the base's Linear maps {in_features} -> {out_features}")
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear of `model`, also of those already wrapped by a LoRA layer."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            module = module.get_base_layer()
+        elif ".base_layer" in name or ".lora_" in name:  # peft's inner Linears are not model modules
+            continue
+        if isinstance(module, nn.Linear):
+            shapes[name] = (module.out_features, module.in_features)
+    return shapes
+
+
+def apply_package(model: nn.Module, architecture: str, folder: str | Path, name: str, *,
+                  expected_kind: LoraKind | None = None, scale: float = 1.0) -> Manifest:
+    """Load a package into `model` as adapter `name` at `scale` (W0 + scale·ΔW), after checking it fits.
+
+    `architecture` is the model's `BackboneSpec.architecture_fingerprint`. The adapter is added
+    inactive: route it with `inject.activate`/`inject.active`.
+    """
+    manifest, state = read_package(folder)
+    check_compatible(manifest, architecture, linear_shapes(model), str(folder), expected_kind, state=state)
+    add_adapter(model, name, manifest.targets, manifest.settings)
+    load_adapter_weights(model, name, state)
+    set_scale(model, name, scale)
+    return manifest
