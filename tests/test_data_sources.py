@@ -36,6 +36,7 @@ def test_spec_defaults_and_unknown_keys():
         DatasetSpec(sources=["x"], hflip=1.5)
     with pytest.raises(ValidationError, match="needs `caption`"):
         DatasetSpec(sources=["x"], caption_source="fixed")
+    assert DatasetSpec(sources=["x"], size=256).size == (256, 256)
     with pytest.raises(ValidationError, match="size"):
         DatasetSpec(sources=["x"], size=(0, 32))
 

@@ -64,6 +64,11 @@ class DatasetSpec(BaseModel):
             data = {**data, "name": _name_from_source(str(first))}
         return data
 
+    @field_validator("size", mode="before")
+    @classmethod
+    def _square_size(cls, value: object) -> object:
+        return (value, value) if isinstance(value, int) else value
+
     @field_validator("size")
     @classmethod
     def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
