@@ -157,3 +157,20 @@ def test_resolve_uses_a_catalog_for_non_paths(tiny_backbone, tmp_path):
         resolve_lora("bicycle", "temporal", catalog=Catalog())
     with pytest.raises(PackageError, match="catalog ids need a catalog"):
         resolve_lora("car-turn", "temporal")
+
+
+def test_lora_info_summarizes_the_manifest(tiny_backbone, tmp_path):
+    from typer.testing import CliRunner
+
+    from motiondirector.cli import app
+
+    folder = write_random_package(tiny_backbone, tmp_path / "pkg", "spatial", rank=4, step=150)
+    result = CliRunner().invoke(app, ["lora", "info", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    _, state = read_package(folder)
+    assert (summary["kind"], summary["rank"], summary["step"]) == ("spatial", 4, 150)
+    assert summary["parameters"] == sum(t.numel() for t in state.values()) > 0
+    assert summary["modules"] == len(tiny_backbone.spatial_lora_targets())
+    assert CliRunner().invoke(app, ["lora", "info", str(folder)]).exit_code == 0
+    assert CliRunner().invoke(app, ["lora", "info", str(tmp_path)]).exit_code == 2
