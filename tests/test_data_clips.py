@@ -99,3 +99,9 @@ def test_closest_bucket_uses_aspect_ratio():
     assert closest_bucket(100, 100, [(64, 64), (32, 32)]) == (64, 64)  # a tie goes to the first listed
     with pytest.raises(ValueError, match="bucket"):
         fit_frames(np.zeros((1, 8, 8, 3), np.uint8), (8, 8), crop="bucket")
+
+
+def test_long_clips_resize_in_chunks_like_single_frames():
+    frames = np.random.default_rng(1).integers(0, 256, (40, 50, 70, 3), dtype=np.uint8)  # > one resize chunk
+    per_frame = np.concatenate([fit_frames(frame[None], (32, 32)) for frame in frames])
+    np.testing.assert_array_equal(fit_frames(frames, (32, 32)), per_frame)

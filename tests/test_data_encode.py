@@ -13,6 +13,7 @@ from motiondirector.data import (
     RECORD_SCHEMA,
     DataError,
     DatasetSpec,
+    DecodedClip,
     decode_item,
     encode_clips,
     latent_fingerprint,
@@ -87,6 +88,12 @@ def test_encode_clips(tiny_backbone, car_turn):
         clips[0].content_hash, [0, 1, 2, 3], (32, 32), "center", tiny_backbone.vae_id)
     assert record.text_fingerprint == text_fingerprint("a car", tiny_backbone.text_encoder_id)
     assert [r.frame_indices[0] for r in records] == [0, 6, 12] and records[2].caption == "a car"
+    # as Ray Data hands rows back: plain dicts whose lists became numpy arrays
+    rows = [{**vars(clip), "frame_indices": np.array(clip.frame_indices), "size": np.array(clip.size)}
+            for clip in clips]
+    from_rows = table_to_records(records_to_table(encode_clips(tiny_backbone, [DecodedClip(**row) for row in rows])))
+    assert [(r.latent_fingerprint, r.size, r.frame_indices) for r in from_rows] == \
+        [(r.latent_fingerprint, r.size, r.frame_indices) for r in records]
     again = encode_clips(tiny_backbone, clips, batch_size=3)  # deterministic: no sampling, batching aside
     for first, second in zip(records, again, strict=True):
         np.testing.assert_allclose(first.latent_mean, second.latent_mean, atol=2e-3)

@@ -15,6 +15,7 @@ from motiondirector.data.video import VideoInfo
 
 # Float frame rates such as 30000/1001 must not push an exact frame time onto the previous frame.
 _TIME_EPS = 1e-6
+_RESIZE_CHUNK = 16  # frames resized at once: bounds the float32 copy for long sliding-window videos
 
 
 class ClipPolicy(BaseModel):
@@ -70,6 +71,12 @@ def closest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) 
     return min((tuple(b) for b in buckets), key=lambda b: abs(math.log(b[1] / b[0]) - aspect))
 
 
+def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return pixels.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def fit_frames(frames: np.ndarray, size: tuple[int, int], crop: str = "center",
                buckets: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """Resize (F, H, W, 3) uint8 frames so they cover `size` = (h, w), then centre-crop to it.
@@ -90,9 +97,7 @@ def fit_frames(frames: np.ndarray, size: tuple[int, int], crop: str = "center",
     scale = max(target_h / source_h, target_w / source_w)
     resized_h, resized_w = max(target_h, round(source_h * scale)), max(target_w, round(source_w * scale))
     if (resized_h, resized_w) != (source_h, source_w):
-        pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-        pixels = torch.nn.functional.interpolate(pixels, size=(resized_h, resized_w), mode="bilinear",
-                                                 antialias=True, align_corners=False)
-        frames = pixels.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        frames = np.concatenate([_resize(chunk, (resized_h, resized_w))
+                                 for chunk in np.split(frames, range(_RESIZE_CHUNK, len(frames), _RESIZE_CHUNK))])
     top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
     return np.ascontiguousarray(frames[:, top:top + target_h, left:left + target_w])

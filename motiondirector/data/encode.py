@@ -43,7 +43,9 @@ class ClipPlan:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def latent_fingerprint(self, vae_id: str) -> str:
-        return records.latent_fingerprint(self.content_hash, self.frame_indices, self.size, self.crop, vae_id)
+        # ints, not numpy scalars: the fingerprint's JSON would spell those as strings
+        size = (int(self.size[0]), int(self.size[1]))
+        return records.latent_fingerprint(self.content_hash, self.frame_indices, size, self.crop, vae_id)
 
     def text_fingerprint(self, text_encoder_id: str) -> str:
         return records.text_fingerprint(self.caption, text_encoder_id)
@@ -140,13 +142,16 @@ def encode_texts(backbone, captions: Sequence[str]) -> dict[str, np.ndarray]:
 def make_record(plan: ClipPlan, latent: tuple[np.ndarray, np.ndarray], text_embedding: np.ndarray,
                 vae_id: str, text_encoder_id: str) -> CacheRecord:
     """A record from a plan and its encoded parts (fresh or reused from the cache)."""
-    fields = {name: getattr(plan, name) for name in ("dataset", "concept", "video_path", "video_index",
-                                                     "content_hash", "clip_index", "source_fps", "caption",
-                                                     "crop", "is_image")}
-    return CacheRecord(**fields, frame_indices=list(plan.frame_indices), size=tuple(plan.size),
+    # plain Python scalars: after a trip through Ray Data, plan fields may be numpy values
+    return CacheRecord(dataset=plan.dataset, concept=plan.concept, video_path=plan.video_path,
+                       video_index=int(plan.video_index), content_hash=plan.content_hash,
+                       clip_index=int(plan.clip_index), frame_indices=[int(i) for i in plan.frame_indices],
+                       source_fps=float(plan.source_fps), caption=plan.caption,
+                       size=(int(plan.size[0]), int(plan.size[1])), crop=plan.crop,
                        latent_mean=latent[0], latent_std=latent[1], text_embedding=text_embedding,
                        latent_fingerprint=plan.latent_fingerprint(vae_id),
-                       text_fingerprint=plan.text_fingerprint(text_encoder_id), extra=dict(plan.extra))
+                       text_fingerprint=plan.text_fingerprint(text_encoder_id), is_image=bool(plan.is_image),
+                       extra=dict(plan.extra))
 
 
 def encode_clips(backbone, clips: Sequence[DecodedClip], batch_size: int = 1) -> list[CacheRecord]:
