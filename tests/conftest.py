@@ -41,3 +41,21 @@ def tiny_backbone(tiny_model_dir):
 
     torch.manual_seed(0)
     return load_backbone(str(tiny_model_dir), "cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """The one local Ray cluster of the test session (start-up ~10 s, so never per test or per module).
+
+    Works with Ray's default token authentication and with RAY_AUTH_MODE=disabled alike.
+    """
+    import ray
+
+    if ray.is_initialized():  # e.g. a test connected on its own: share it rather than fail
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
