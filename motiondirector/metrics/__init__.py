@@ -1,0 +1,1 @@
+"""Evaluation metrics of generated videos (the paper's CLIP-based scores)."""
