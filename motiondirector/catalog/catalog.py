@@ -1,0 +1,340 @@
+"""The catalog: LoRA packages on any fsspec storage, found by id or by query (docs/catalog.md).
+
+Writers never coordinate: each entry gets a fresh random id, its files are written first and its
+manifest last, so a crashed writer leaves only an uncommitted folder that readers ignore and `gc`
+removes. Readers trust committed manifests only; the Parquet index just makes them fast to query.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from motiondirector.catalog import index
+from motiondirector.catalog.entry import CorruptEntryError, UnknownEntryError, check_relative, parse_entry
+from motiondirector.catalog.ids import new_id, validate_id
+from motiondirector.catalog.store import Store
+from motiondirector.lora.package import MANIFEST, Manifest, PackageError, read_package, sha256_file
+
+ROOT_VARIABLE = "MOTIONDIRECTOR_CATALOG"
+DEFAULT_ROOT = "~/.cache/motiondirector/catalog"
+
+
+def catalog_root(uri: str | os.PathLike | None = None) -> str:
+    """The root to use: `uri`, else $MOTIONDIRECTOR_CATALOG, else ~/.cache/motiondirector/catalog."""
+    root = str(uri or os.environ.get(ROOT_VARIABLE) or DEFAULT_ROOT)
+    return root if "://" in root else os.path.expanduser(root)
+
+
+@dataclass(frozen=True)
+class Page:
+    manifests: list[Manifest]  # this page of the matching entries, in order
+    total: int  # matching entries on all pages
+    invalid: dict[str, str]  # every committed entry whose manifest is rejected: id -> why
+
+
+@dataclass(frozen=True)
+class ReindexReport:
+    index_file: str
+    rows: int
+    added: int  # committed entries that were not in the previous index
+    dropped: int  # indexed entries that are no longer committed
+    written: bool  # False when the previous index was already exact
+
+
+class Catalog:
+    def __init__(self, uri: str | os.PathLike | None = None, *,
+                 resolve_cache: str | os.PathLike | None = None):
+        self.uri = catalog_root(uri)
+        self.store = Store(self.uri)
+        # Where `resolve` puts local copies of entries of a remote catalog; default <cache root>/resolved.
+        self._resolve_cache = resolve_cache
+        self._loaded_index: tuple[str, pa.Table] | None = None  # (index file, table) last read
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.uri!r})"
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def add(self, package_folder: str | os.PathLike, *, name: str | None = None, tags: Iterable[str] = (),
+            description: str | None = None, run_id: str | None = None, lineage: Iterable[str] = (),
+            preview: str | os.PathLike | None = None, dedupe: bool = False) -> Manifest:
+        """Register a copy of a LoRA package; returns its manifest with the catalog fields filled.
+
+        Explicit arguments override what the package's manifest already says (tags are merged).
+        With `dedupe`, a package whose files equal an existing entry's returns that entry instead.
+        """
+        folder = Path(package_folder)
+        source, _ = read_package(folder)  # only complete, self-consistent packages get in
+        files = _package_files(folder)
+        hashes = {relative: sha256_file(path) for relative, path in files.items()}
+        if dedupe:
+            existing = self._with_content(index.content_digest(hashes))
+            if existing is not None:
+                return existing
+        preview_name = None
+        if preview is not None:
+            preview = Path(preview)
+            if not preview.is_file():
+                raise PackageError(f"{preview}: preview file not found")
+            preview_name = f"preview{preview.suffix.lower()}"
+            if preview_name in files:
+                raise PackageError(f"{folder}: already holds a file named {preview_name}")
+            files[preview_name] = preview
+            hashes[preview_name] = sha256_file(preview)
+        catalog_id = new_id()
+        manifest = Manifest.model_validate({
+            **source.model_dump(),
+            "id": catalog_id,
+            "name": name or source.name or source.concept or folder.name,
+            "sha256": hashes,
+            "preview": preview_name,
+            "run_id": run_id if run_id is not None else source.run_id,
+            "lineage": [validate_id(parent) for parent in (list(lineage) or source.lineage)],
+            "tags": _clean_tags([*source.tags, *tags]),
+            "description": description if description is not None else source.description,
+        })
+        entry = self.store.entry(catalog_id)
+        for relative, path in files.items():
+            self.store.upload(path, f"{entry}/{relative}")
+        self._commit(manifest)
+        return manifest
+
+    def _commit(self, manifest: Manifest) -> None:
+        """Make a fully written entry visible: its manifest, in one atomic write, last."""
+        entry = self.store.entry(manifest.id)
+        missing = set(manifest.sha256) - set(self.store.files(entry))
+        if missing:  # e.g. `gc` with a grace shorter than this upload took
+            raise PackageError(f"{entry}: {sorted(missing)} disappeared while the entry was written; "
+                               "not committing it")
+        self.store.write_atomic(self.store.manifest(manifest.id), manifest.model_dump_json(indent=2).encode())
+
+    def remove(self, catalog_id: str) -> None:
+        """Uncommit first (delete the manifest), then delete the files: never a half-visible entry."""
+        self._manifest_bytes(catalog_id)  # unknown id -> UnknownEntryError; S3 deletes silently
+        self.store.remove_file(self.store.manifest(catalog_id))
+        self.store.remove_tree(self.store.entry(catalog_id))
+
+    # ---- reading one entry ---------------------------------------------------------------------
+
+    def _manifest_bytes(self, catalog_id: str) -> bytes:
+        try:
+            return self.store.read_bytes(self.store.manifest(catalog_id))
+        except FileNotFoundError:
+            raise UnknownEntryError(f"{catalog_id}: no such entry in catalog {self.uri}") from None
+
+    def get(self, catalog_id: str) -> Manifest:
+        data = self._manifest_bytes(catalog_id)
+        return parse_entry(catalog_id, data, source=self.store.manifest(catalog_id))
+
+    def resolve(self, catalog_id: str, *, verify: bool = True) -> Path:
+        """A local folder holding the entry's package, its files checked against the manifest hashes.
+
+        A local catalog answers with the entry folder itself; a remote one downloads the entry once
+        into the resolve cache (keyed by id and content hash, complete or absent), by default
+        `$MOTIONDIRECTOR_CACHE/resolved` (~/.cache/motiondirector/resolved).
+        """
+        manifest = self.get(catalog_id)
+        if self.store.is_local:
+            folder = Path(self.store.entry(catalog_id))
+            if verify:
+                _check_hashes(folder, manifest)
+            return folder
+        cache = self._resolve_cache_dir()
+        target = cache / f"{catalog_id}-{index.content_digest(manifest.sha256)[:16]}"
+        if (target / MANIFEST).exists():
+            return target  # only ever appears complete and verified (renamed into place below)
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
+        try:
+            for relative in manifest.sha256:
+                self.store.download(f"{self.store.entry(catalog_id)}/{relative}", staging / relative)
+            _check_hashes(staging, manifest)
+            (staging / MANIFEST).write_bytes(manifest.model_dump_json(indent=2).encode())
+            try:
+                staging.rename(target)
+            except OSError:
+                if not (target / MANIFEST).exists():
+                    raise
+                # Another process resolved the same entry first; its copy is as good as ours.
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _resolve_cache_dir(self) -> Path:
+        if self._resolve_cache is not None:
+            return Path(self._resolve_cache).expanduser()
+        from motiondirector.data.cache import cache_root  # heavy: only for remote catalogs
+
+        return cache_root() / "resolved"
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def page(self, *, concept: str | None = None, kind: str | None = None, base: str | None = None,
+             tags: Iterable[str] = (), min_metrics: Mapping[str, float] | None = None,
+             created_after: datetime | None = None, created_before: datetime | None = None,
+             text: str | None = None, sort: str = "-id", limit: int | None = None, offset: int = 0,
+             fresh: bool = True) -> Page:
+        """Entries matching every given filter, sorted (default: newest first) and paginated.
+
+        `fresh` merges the index with the store's current listing (exact, one listing per call);
+        `fresh=False` answers from the last index snapshot alone (fastest, as of the last reindex).
+        """
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError(f"offset ({offset}) and limit ({limit}) must not be negative")
+        filters = index.Filters(concept=concept, kind=kind, base=base, tags=tuple(tags),
+                                min_metrics=dict(min_metrics or {}), created_after=created_after,
+                                created_before=created_before, text=text)
+        table = self._snapshot(fresh)
+        matching = index.order(index.select(table, filters), sort)
+        return Page(manifests=index.manifests(matching.slice(offset, limit)), total=matching.num_rows,
+                    invalid=_invalid_entries(table))
+
+    def query(self, **options: Any) -> list[Manifest]:
+        """The manifests of `page(**options)`."""
+        return self.page(**options).manifests
+
+    list = query  # `catalog.list(...)` reads naturally at call sites
+
+    def invalid_entries(self) -> dict[str, str]:
+        """Committed entries whose manifest is rejected: id -> why."""
+        return _invalid_entries(self._snapshot(fresh=True))
+
+    def _with_content(self, digest: str) -> Manifest | None:
+        table = self._snapshot(fresh=True)
+        same = table.filter(pc.fill_null(pc.equal(table["content_sha256"], digest), False))
+        found = index.manifests(index.order(same, "id").slice(0, 1))
+        return found[0] if found else None
+
+    # ---- index ---------------------------------------------------------------------------------
+
+    def reindex(self, *, full: bool = False) -> ReindexReport:
+        """Bring the index up to date by the set difference of committed and indexed ids.
+
+        `full` rebuilds from the manifests alone (e.g. after editing a manifest by hand).
+        """
+        current, previous = (None, index.empty_table()) if full else self._read_index()
+        committed = self.committed_ids()
+        before = set(previous["id"].to_pylist())
+        table = self._merge(previous, committed)
+        added, dropped = len(committed - before), len(before - committed)
+        if current is not None and not added and not dropped:
+            return ReindexReport(current, table.num_rows, 0, 0, written=False)
+        name = f"{new_id()}.parquet"
+        # Snapshot first, pointer second: the pointer never names a file that is not all there.
+        self.store.write_atomic(f"{self.store.index_dir}/{name}", index.to_parquet(table))
+        self.store.write_atomic(self.store.pointer, index.pointer_bytes(name, table.num_rows))
+        self._loaded_index = (name, table)
+        return ReindexReport(name, table.num_rows, added, dropped, written=True)
+
+    def current_index_file(self) -> str | None:
+        try:
+            return index.pointer_target(self.store.read_bytes(self.store.pointer))
+        except FileNotFoundError:
+            return None
+
+    def _read_index(self) -> tuple[str | None, pa.Table]:
+        """(file, snapshot) the pointer names (cached while the pointer does not move), or (None, empty)."""
+        for _ in range(2):  # the snapshot may be replaced and collected between the two reads
+            target = self.current_index_file()
+            if target is None:
+                break
+            if self._loaded_index and self._loaded_index[0] == target:
+                return self._loaded_index
+            try:
+                data = self.store.read_bytes(f"{self.store.index_dir}/{target}")
+            except FileNotFoundError:
+                continue
+            table = index.from_parquet(data)
+            if table is None:
+                break
+            self._loaded_index = (target, table)
+            return self._loaded_index
+        return None, index.empty_table()
+
+    def committed_ids(self) -> set[str]:
+        return {catalog_id for catalog_id, committed in self.store.entry_ids().items() if committed}
+
+    def _snapshot(self, fresh: bool) -> pa.Table:
+        """One row per committed entry (rejected manifests included, with their error)."""
+        _, table = self._read_index()
+        return self._merge(table, self.committed_ids()) if fresh else table
+
+    def _merge(self, table: pa.Table, committed: set[str]) -> pa.Table:
+        """`table` minus entries no longer committed, plus committed entries it lacks."""
+        indexed = set(table["id"].to_pylist())
+        kept = table.filter(pc.is_in(table["id"], value_set=pa.array(sorted(committed), pa.string())))
+        new = self._rows(sorted(committed - indexed))
+        return pa.concat_tables([kept, new]) if new.num_rows else kept
+
+    def _rows(self, catalog_ids: list[str]) -> pa.Table:
+        paths = {self.store.manifest(catalog_id): catalog_id for catalog_id in catalog_ids}
+        rows = []
+        for path, data in self.store.read_many(paths).items():
+            if isinstance(data, FileNotFoundError):
+                continue  # removed since the listing
+            if isinstance(data, Exception):
+                raise data  # a read failure is not a verdict on the entry: do not index it as invalid
+            try:
+                rows.append(index.manifest_row(parse_entry(paths[path], data, source=path)))
+            except PackageError as error:
+                rows.append(index.invalid_row(paths[path], str(error)))
+        return index.rows_table(rows)
+
+    # ---- maintenance ---------------------------------------------------------------------------
+
+    def verify(self, progress: Callable[[int, int], None] | None = None):
+        """Re-hash every committed entry; see maintenance.VerifyReport."""
+        from motiondirector.catalog.maintenance import verify
+
+        return verify(self, progress)
+
+    def gc(self, grace_seconds: float = 3600.0, *, dry_run: bool = False):
+        """Remove uncommitted folders and stale index files older than the grace period."""
+        from motiondirector.catalog.maintenance import collect_garbage
+
+        return collect_garbage(self, grace_seconds, dry_run=dry_run)
+
+
+def _package_files(folder: Path) -> dict[str, Path]:
+    """The package's files to copy: all but the manifest (rewritten) and hidden temp files."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_file() and relative != MANIFEST and not any(part.startswith(".") for part in path.parts[
+                len(folder.parts):]):
+            files[check_relative(relative, str(folder))] = path
+    return files
+
+
+def _clean_tags(tags: Iterable[str]) -> list[str]:
+    cleaned = []
+    for tag in tags:
+        tag = tag.strip()
+        if tag and tag not in cleaned:
+            cleaned.append(tag)
+    return cleaned
+
+
+def _check_hashes(folder: Path, manifest: Manifest) -> None:
+    for relative, expected in manifest.sha256.items():
+        path = folder / relative
+        if not path.is_file():
+            raise CorruptEntryError(f"{path}: missing (entry {manifest.id})")
+        if sha256_file(path) != expected:
+            raise CorruptEntryError(f"{path}: content differs from its recorded sha256 (entry {manifest.id}); "
+                                    "run `motiondirector catalog verify`")
+
+
+def _invalid_entries(table: pa.Table) -> dict[str, str]:
+    rejected = table.filter(pc.is_valid(table["error"]))
+    return dict(zip(rejected["id"].to_pylist(), rejected["error"].to_pylist(), strict=True))

@@ -1,0 +1,158 @@
+"""The storage side of a catalog: a root on any fsspec filesystem and the commit protocol.
+
+    <root>/loras/<id>/...            one LoRA package per entry (adapter files, optional preview)
+    <root>/loras/<id>/manifest.json  written LAST: the commit marker — no valid manifest, no entry
+    <root>/index/<id>.parquet        index snapshots, each written once under a fresh name
+    <root>/index/CURRENT.json        pointer naming the current snapshot, replaced in one step
+
+"Replaced in one step" means temp name + rename on a local disk, and a single PUT on object stores,
+which have no rename: a PUT of a small object is all-or-nothing on S3/GCS (readers see the old
+object or the new one, never a prefix), and S3/GCS give read-after-write consistency for listings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from motiondirector.catalog.ids import is_catalog_id, validate_id
+from motiondirector.lora.package import MANIFEST, atomic_write_bytes
+
+ENTRIES = "loras"
+INDEX = "index"
+POINTER = "CURRENT.json"
+
+
+class Store:
+    """Paths and primitive operations of one catalog root. Holds no catalog state of its own."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = url_to_fs(uri)
+        self.root = self.root.rstrip("/")
+        # Only a local disk has an atomic rename; everything else commits with a single put.
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def entries_dir(self) -> str:
+        return f"{self.root}/{ENTRIES}"
+
+    @property
+    def index_dir(self) -> str:
+        return f"{self.root}/{INDEX}"
+
+    @property
+    def pointer(self) -> str:
+        return f"{self.index_dir}/{POINTER}"
+
+    def entry(self, catalog_id: str) -> str:
+        return f"{self.entries_dir}/{validate_id(catalog_id)}"
+
+    def manifest(self, catalog_id: str) -> str:
+        return f"{self.entry(catalog_id)}/{MANIFEST}"
+
+    def _forget_listings(self) -> None:
+        # Other processes write concurrently: a cached listing (s3fs keeps one) would hide their entries.
+        self.fs.invalidate_cache()
+
+    def entry_ids(self) -> dict[str, bool]:
+        """Every entry folder named by a valid id -> whether it is committed (holds a manifest)."""
+        if self.is_local:
+            try:
+                folders = [item for item in os.scandir(self.entries_dir) if item.is_dir()]
+            except FileNotFoundError:
+                return {}
+            return {item.name: os.path.exists(os.path.join(item.path, MANIFEST))
+                    for item in folders if is_catalog_id(item.name)}
+        self._forget_listings()
+        found: dict[str, bool] = {}
+        prefix = self.entries_dir + "/"
+        # One recursive listing (paged, no delimiter) instead of one request per entry.
+        for path in self.fs.find(self.entries_dir):
+            relative = path[len(prefix):] if path.startswith(prefix) else path
+            name, _, rest = relative.partition("/")
+            if is_catalog_id(name):
+                found[name] = found.get(name, False) or rest == MANIFEST
+        return found
+
+    def files(self, folder: str) -> dict[str, dict[str, Any]]:
+        """Files below `folder` (relative posix path -> fsspec info)."""
+        self._forget_listings()
+        prefix = folder.rstrip("/") + "/"
+        return {path[len(prefix):]: info for path, info in self.fs.find(folder, detail=True).items()
+                if path.startswith(prefix)}
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def read_many(self, paths: Iterable[str]) -> dict[str, bytes | Exception]:
+        """Contents of many small files; object stores fetch them concurrently. Errors are returned."""
+        paths = list(paths)
+        if not paths:
+            return {}
+        if self.is_local:
+            results: dict[str, bytes | Exception] = {}
+            for path in paths:
+                try:
+                    results[path] = Path(path).read_bytes()
+                except OSError as error:
+                    results[path] = error
+            return results
+        return self.fs.cat(paths, on_error="return")
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Readers see the old content (or nothing) or all of `data`, never a part."""
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(Path(path), data)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def upload(self, local_path: Path, path: str) -> None:
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.fs.put_file(str(local_path), path)
+
+    def download(self, path: str, local_path: Path) -> None:
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get_file(path, str(local_path))
+
+    def sha256(self, path: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def remove_file(self, path: str) -> None:
+        self.fs.rm_file(path)
+
+    def remove_tree(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass  # already gone: a concurrent remove or gc got there first
+        self._forget_listings()
+
+
+def modified_at(info: dict[str, Any]) -> float | None:
+    """Modification time (epoch seconds) from an fsspec info dict, where the store reports one."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
