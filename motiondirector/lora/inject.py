@@ -77,23 +77,38 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             layer.delete_adapter(name)
 
 
+class Router:
+    """Routing over a fixed set of LoRA layers, found once: a module walk of a full-size UNet takes
+    tens of milliseconds, too slow to repeat for every forward pass of a training loop. Create it
+    after the adapters are injected."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [layer for _, layer in lora_layers(model)]
+
+    def activate(self, names: Iterable[str]) -> None:
+        names = list(names)
+        for layer in self.layers:
+            layer._active_adapter = names
+
+    @contextlib.contextmanager
+    def active(self, names: Iterable[str]) -> Iterator[None]:
+        previous = [list(layer.active_adapters) for layer in self.layers]
+        self.activate(names)
+        try:
+            yield
+        finally:
+            for layer, names_before in zip(self.layers, previous, strict=True):
+                layer._active_adapter = names_before
+
+
 def activate(model: nn.Module, names: Iterable[str]) -> None:
     """Make exactly `names` active (an empty list: the base model). Never changes requires_grad."""
-    names = list(names)
-    for _, layer in lora_layers(model):
-        layer._active_adapter = names
+    Router(model).activate(names)
 
 
-@contextlib.contextmanager
-def active(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
+def active(model: nn.Module, names: Iterable[str]) -> contextlib.AbstractContextManager[None]:
     """Route a forward pass through `names`, restoring the previous routing afterwards."""
-    previous = {id(layer): list(layer.active_adapters) for _, layer in lora_layers(model)}
-    activate(model, names)
-    try:
-        yield
-    finally:
-        for _, layer in lora_layers(model):
-            layer._active_adapter = previous[id(layer)]
+    return Router(model).active(names)
 
 
 def set_scale(model: nn.Module, name: str, scale: float) -> None:
