@@ -25,6 +25,8 @@ def test_bench_measures_three_configurations_and_keeps_other_sections(tmp_path, 
     assert [row.split(" | ")[0] for row in table] == ["| no LoRA", "| temporal LoRA, unfused",
                                                      "| temporal LoRA, fused"]
     assert all(float(row.split(" | ")[1]) > 0 for row in table)
-    bench.main([*args, "--guidance", "3"])  # a second run replaces the section instead of appending one
+    assert "## Training step\n\nkept\n" in docs.read_text() and "| no LoRA |" in docs.read_text()
+    bench.write_section(docs, "## Sampling\n\nnew numbers\n")  # a later run replaces the section
     text = docs.read_text()
-    assert text.count("## Sampling") == 1 and "guidance 3," in text and "## Training step\n\nkept\n" in text
+    assert text.count("## Sampling") == 1 and "new numbers" in text and "| no LoRA |" not in text
+    assert "## Training step\n\nkept\n" in text
