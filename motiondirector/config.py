@@ -76,8 +76,9 @@ class EngineSection(_Section):
     """How gradients become updates: plain torch, or DeepSpeed ZeRO (one DeepSpeed engine per LoRA)."""
 
     kind: Literal["torch", "deepspeed"] = "torch"
-    # ZeRO-3 would partition the LoRA weights away from the UNet that runs the forward outside DeepSpeed.
-    zero_stage: Literal[0, 1, 2] = 2
+    # ZeRO-3 would partition the LoRA weights away from the UNet that runs the forward outside
+    # DeepSpeed; stage 0 is what the torch engine already does.
+    zero_stage: Literal[1, 2] = 2
 
 
 class TrainConfig(_Section):

@@ -1,0 +1,250 @@
+"""Backward + optimizer step behind a small interface, so the same loop runs on plain torch or DeepSpeed.
+
+The loop hands an engine one loss per LoRA adapter (`{"spatial_2": loss_s, "temporal": loss_t}`).
+Every engine keeps the two rules of the dual-path step (method.md):
+
+1. All gradients are computed before any weight changes (`adapter_gradients`): the reference code
+   steps the spatial optimizer in place before the temporal backward, which fails in fp32.
+2. Each adapter gets gradients from its own loss only, and an adapter with no loss this step is
+   not stepped at all: no momentum, no weight decay, no step count.
+
+`TorchEngine`: one AdamW per path (spatial, temporal), one param group per adapter; torch's AdamW
+skips parameters whose `.grad` is None, which is rule 2.
+`DeepSpeedEngine`: one DeepSpeed engine per adapter (ZeRO partitions flat buffers, where a missing
+gradient would read as zero and still move momentum and weight decay); each wraps a parameter-only
+module, receives the precomputed gradients through a surrogate loss Σ⟨p, g⟩ (whose gradient is
+exactly g) and is stepped only when its adapter had a loss. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from motiondirector.config import EngineSection, OptimizerSection
+
+# {path: {adapter: parameters}}, e.g. {"spatial": {"spatial_0": [...]}, "temporal": {"temporal": [...]}}
+ParameterPaths = dict[str, dict[str, list[nn.Parameter]]]
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 autocast: scale up the loss, unscale the gradients, skip on overflow."""
+
+    def __init__(self, enabled: bool, initial: float = 2.0 ** 16, growth_interval: int = 2000) -> None:
+        self.enabled = enabled
+        self.scale = initial if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def unscale(self, grads: list[torch.Tensor]) -> bool:
+        """Divide `grads` in place by the scale; False (and a smaller scale) if any is inf/nan."""
+        if not self.enabled:
+            return True
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if finite:
+            for g in grads:
+                g.div_(self.scale)
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale *= 2.0
+        else:
+            self.scale /= 2.0
+            self.good_steps = 0
+        return finite
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+def adapter_gradients(losses: dict[str, torch.Tensor | None], groups: dict[str, list[nn.Parameter]],
+                      scaler: LossScaler) -> dict[str, list[torch.Tensor]]:
+    """Gradients of each adapter's parameters from that adapter's loss only, all before any update.
+
+    Adapters sharing one loss tensor (coupled mode) are differentiated in one pass. Returns {} when
+    the fp16 loss scale overflowed (nothing may step then).
+    """
+    by_loss: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, loss in losses.items():
+        if loss is not None:
+            by_loss.setdefault(id(loss), (loss, []))[1].append(name)
+    result: dict[str, list[torch.Tensor]] = {}
+    for loss, names in by_loss.values():
+        params = [p for name in names for p in groups[name]]
+        # The spatial and temporal losses come from separate forward passes: no retained graph needed.
+        grads = list(torch.autograd.grad(loss * scaler.scale, params))
+        for name in names:
+            count = len(groups[name])
+            result[name], grads = grads[:count], grads[count:]
+    if not scaler.unscale([g for gs in result.values() for g in gs]):
+        return {}
+    return result
+
+
+class Engine(Protocol):
+    """What the loop needs: set up optimizers for the adapters, apply per-adapter losses, (re)store state."""
+
+    def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool) -> None: ...
+
+    def apply(self, losses: dict[str, torch.Tensor | None]) -> list[str]:
+        """Compute every adapter's gradient from its own loss, then step those adapters; returns their names."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _flat_groups(paths: ParameterPaths) -> dict[str, list[nn.Parameter]]:
+    return {adapter: params for adapters in paths.values() for adapter, params in adapters.items()}
+
+
+class TorchEngine:
+    """Plain torch: one AdamW per path (the reference's two optimizers), one param group per adapter."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, list[nn.Parameter]] = {}
+        self.optimizers: dict[str, torch.optim.AdamW] = {}
+        self.path_of: dict[str, str] = {}
+        self.scaler = LossScaler(False)
+
+    def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool) -> None:
+        self.groups = _flat_groups(paths)
+        self.path_of = {adapter: path for path, adapters in paths.items() for adapter in adapters}
+        self.scaler = LossScaler(fp16_loss_scaling)
+        self.optimizers = {
+            path: torch.optim.AdamW([{"params": params, "adapter": adapter} for adapter, params in adapters.items()],
+                                    lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
+                                    weight_decay=optimizer.weight_decay)
+            for path, adapters in paths.items()
+        }
+
+    def apply(self, losses: dict[str, torch.Tensor | None]) -> list[str]:
+        grads = adapter_gradients(losses, self.groups, self.scaler)
+        for adapter, adapter_grads in grads.items():
+            for param, grad in zip(self.groups[adapter], adapter_grads, strict=True):
+                param.grad = grad
+        for path in sorted({self.path_of[adapter] for adapter in grads}):
+            self.optimizers[path].step()  # parameters with grad None (other adapters) are skipped
+            self.optimizers[path].zero_grad(set_to_none=True)
+        return sorted(grads)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": {path: opt.state_dict() for path, opt in self.optimizers.items()},
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for path, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][path])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+class _ParameterHolder(nn.Module):
+    """The module DeepSpeed wraps: it only owns (shares) one adapter's parameters; the UNet runs outside."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
+# ZeRO optimizer state keys that are plain tensors/numbers (loadable with weights_only=True) and
+# enough to restore a world-size-1..N run; the rest are DeepSpeed objects or derived bookkeeping.
+_ZERO_STATE_KEYS = ("base_optimizer_state", "single_partition_of_fp32_groups", "group_paddings",
+                    "param_alignment_paddings", "partition_count", "ds_version", "clip_grad",
+                    "dynamic_loss_scale", "overflow")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed; alone (no launcher) as a world of size 1."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if torch.distributed.is_initialized():
+        return
+    # A launcher (Ray Train, deepspeed, torchrun) sets these; a plain process is rank 0 of 1.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage 2 by default), one DeepSpeed engine per adapter, fp32 master weights.
+
+    Mixed precision stays in the loop's autocast; DeepSpeed's own fp16/bf16 modes would cast the
+    LoRA weights inside the UNet. Gradient clipping is off, as in the torch engine.
+    """
+
+    def __init__(self, zero_stage: int = 2) -> None:
+        self.zero_stage = zero_stage
+        self.groups: dict[str, list[nn.Parameter]] = {}
+        self.engines: dict[str, Any] = {}
+        self.scaler = LossScaler(False)
+
+    def _config(self, optimizer: OptimizerSection) -> dict[str, Any]:
+        return {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0
+            "steps_per_print": 2 ** 31 - 1,
+            "zero_optimization": {"stage": self.zero_stage},
+            # torch's AdamW: the same update as TorchEngine, and no CPU-Adam extension to compile.
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
+                "weight_decay": optimizer.weight_decay, "torch_adam": True}},
+        }
+
+    def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool) -> None:
+        import deepspeed
+
+        ensure_distributed()
+        self.groups = _flat_groups(paths)
+        self.scaler = LossScaler(fp16_loss_scaling)
+        config = self._config(optimizer)
+        for adapter, params in self.groups.items():
+            engine, *_ = deepspeed.initialize(model=_ParameterHolder(params), model_parameters=params,
+                                              config=config)
+            self.engines[adapter] = engine
+
+    def apply(self, losses: dict[str, torch.Tensor | None]) -> list[str]:
+        grads = adapter_gradients(losses, self.groups, self.scaler)
+        for adapter, adapter_grads in grads.items():
+            engine = self.engines[adapter]
+            surrogate = sum((p * g).sum() for p, g in zip(self.groups[adapter], adapter_grads, strict=True))
+            engine.backward(surrogate)
+            engine.step()
+        return sorted(grads)
+
+    def state_dict(self) -> dict[str, Any]:
+        optimizers = {}
+        for adapter, engine in self.engines.items():
+            state = engine.optimizer.state_dict()
+            optimizers[adapter] = {key: state[key] for key in _ZERO_STATE_KEYS if key in state}
+            optimizers[adapter]["global_steps"] = engine.global_steps
+        return {"optimizers": optimizers, "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for adapter, engine in self.engines.items():
+            saved = dict(state["optimizers"][adapter])
+            engine.global_steps = saved.pop("global_steps")
+            engine.optimizer.load_state_dict([saved], load_optimizer_states=True, load_from_fp32_weights=True)
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def make_engine(section: EngineSection) -> Engine:
+    if section.kind == "deepspeed":
+        return DeepSpeedEngine(section.zero_stage)
+    return TorchEngine()
+

@@ -1,0 +1,434 @@
+"""The training loop: dual-path LoRA training as a library function (no Ray, no globals).
+
+`train(config, out_dir)` loads the base model and the dataset's cache records (or takes them),
+injects the adapters (train/plan.py), runs the steps (train/step.py) through an engine
+(train/engine.py) and writes the run folder (train/layout.py, docs/run-folder.md). Reproducible:
+all randomness is seeded from `config.seed` and checkpointed, so the same config, seed and thread
+count give bit-identical LoRA weights, and resuming from a checkpoint gives the same final weights
+as an uninterrupted run. SIGINT/SIGTERM finish the current step, write a checkpoint and raise
+`TrainingInterrupted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from motiondirector.backbones import load_backbone, resolve_device
+from motiondirector.backbones.base import BackboneSpec
+from motiondirector.config import ConfigError, TrainConfig, validate_config
+from motiondirector.data.records import CacheRecord
+from motiondirector.lora.inject import Router
+from motiondirector.lora.package import BaseModelRef, Manifest, atomic_write_bytes
+from motiondirector.sample import latent_shape, sample_videos
+from motiondirector.train.checkpoint import (
+    load_packages,
+    read_training_state,
+    write_checkpoint,
+    write_packages,
+)
+from motiondirector.train.engine import Engine, make_engine
+from motiondirector.train.layout import RunLayout
+from motiondirector.train.plan import AdapterPlan, AdapterSpec, installed_adapters, plan_adapters
+from motiondirector.train.step import clip_tensors, draw_step, step_losses
+from motiondirector.video_io import write_gif, write_video
+
+# Config keys that may differ when resuming: they do not change the weights a step produces.
+RESUMABLE_CHANGES = frozenset({"steps", "device", "log_every", "checkpoint_every", "validation", "cache_dir"})
+_LOSS_WINDOW = 20  # manifests report each loss as the mean over its last N values
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used as asked (exists, not a run folder, incompatible resume)."""
+
+
+class TrainingInterrupted(Exception):  # noqa: N818 - it is a signal-driven stop, not an error
+    """SIGINT/SIGTERM stopped training after a complete step; `checkpoint` holds that step."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"training interrupted after step {step}; checkpoint written to {checkpoint} "
+                         f"(continue with --resume)")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@dataclass
+class RunSummary:
+    out_dir: str
+    steps: int
+    resumed_from: int | None
+    mode: str
+    routing: str
+    losses: dict[str, float]
+    packages: dict[str, Any]  # {"temporal": folder | None, "spatial": [folder, ...]}
+    checkpoints: list[int]
+    samples: list[str]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- precision and devices ------------------------------------------------------------------------
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """None = fp32. auto: bf16 on GPUs that have it, else fp16; fp32 on CPU."""
+    if setting == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[setting]
+
+
+def _autocast_factory(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _rng_devices(device: torch.device) -> list[torch.device]:
+    return [device] if device.type == "cuda" else []
+
+
+# --- the run folder -----------------------------------------------------------------------------
+
+def _comparable(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+
+
+def prepare_run_folder(layout: RunLayout, config: TrainConfig, *, resume: bool, overwrite: bool) -> int | None:
+    """Check/clear OUT; returns the checkpoint step to resume from (None: start at step 0)."""
+    root = layout.root
+    if not root.exists() or not any(root.iterdir()):
+        return None
+    is_run = layout.config.exists()
+    if overwrite:
+        if not is_run:
+            raise RunFolderError(f"{root}: refusing to --overwrite a non-empty folder that is not a run folder "
+                                 f"(no {layout.config.name})")
+        shutil.rmtree(root)
+        return None
+    if not resume:
+        raise RunFolderError(f"{root}: exists and is not empty; pass --resume to continue it or --overwrite to "
+                             "replace it")
+    if not is_run:
+        raise RunFolderError(f"{root}: cannot --resume, it is not a run folder (no {layout.config.name})")
+    import yaml
+
+    try:
+        previous = validate_config(yaml.safe_load(layout.config.read_text()), str(layout.config))
+    except ConfigError as error:
+        raise RunFolderError(f"cannot --resume: {error}") from None
+    before, now = _comparable(previous), _comparable(config)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        raise RunFolderError(f"{root}: cannot --resume with a different config; changed: {', '.join(changed)} "
+                             f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    steps = layout.checkpoint_steps()
+    if steps and steps[-1] > config.steps:
+        raise RunFolderError(f"{root}: the last checkpoint is at step {steps[-1]}, beyond steps={config.steps}")
+    return steps[-1] if steps else None
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """A resumed run rewrites metrics after its checkpoint: drop lines logged after it."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+
+# --- records -------------------------------------------------------------------------------------
+
+def load_training_records(config: TrainConfig, backbone: BackboneSpec, progress: bool) -> list[CacheRecord]:
+    """The data section -> cache records (encoded once and cached; see docs/data.md)."""
+    from motiondirector.data.cache import load_records
+
+    return load_records(config.data, backbone, cache_dir=config.cache_dir, progress=progress)
+
+
+def check_records(records: list[CacheRecord], backbone: BackboneSpec) -> None:
+    if not records:
+        raise ValueError("the dataset gave no training clips")
+    channels = backbone.unet.config.in_channels
+    text_dim = backbone.unet.config.cross_attention_dim
+    for record in records:
+        if record.latent_mean.ndim != 4 or record.latent_mean.shape[0] != channels:
+            raise ValueError(f"{record.video_path} (clip {record.clip_index}): latents of shape "
+                             f"{tuple(record.latent_mean.shape)}, the base model needs ({channels}, F, h, w)")
+        if record.latent_std.shape != record.latent_mean.shape:
+            raise ValueError(f"{record.video_path} (clip {record.clip_index}): latent std and mean shapes differ")
+        if record.text_embedding.ndim != 2 or record.text_embedding.shape[1] != text_dim:
+            raise ValueError(f"{record.video_path} (clip {record.clip_index}): text embedding of shape "
+                             f"{tuple(record.text_embedding.shape)}, the base model needs (L, {text_dim})")
+
+
+# --- bookkeeping ----------------------------------------------------------------------------------
+
+@dataclass
+class _Tracker:
+    """Recent losses per key and update counts per adapter (checkpointed, so manifests resume exactly)."""
+
+    recent: dict[str, deque[float]] = field(default_factory=dict)
+    updates: dict[str, int] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.recent.setdefault(key, deque(maxlen=_LOSS_WINDOW)).append(value)
+
+    def mean(self, key: str) -> float | None:
+        values = self.recent.get(key)
+        return sum(values) / len(values) if values else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": {k: list(v) for k, v in self.recent.items()}, "updates": dict(self.updates)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Tracker:
+        return cls({k: deque(v, maxlen=_LOSS_WINDOW) for k, v in state["recent"].items()}, dict(state["updates"]))
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set the event (the loop stops after the current step); a second one aborts at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested  # signals are only delivered to the main thread (e.g. not inside a Ray actor thread)
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(signum: int, frame: object) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    for sig in previous:
+        signal.signal(sig, handle)
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                    TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
+                    console=Console(stderr=True), disable=not enabled)
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+class _Run:
+    """State of one train() call; methods are the loop's phases."""
+
+    def __init__(self, config: TrainConfig, layout: RunLayout, backbone: BackboneSpec, records: list[CacheRecord],
+                 plan: AdapterPlan, engine: Engine, amp_dtype: torch.dtype | None) -> None:
+        self.config, self.layout, self.backbone, self.records = config, layout, backbone, records
+        self.plan, self.engine, self.amp_dtype = plan, engine, amp_dtype
+        self.device = backbone.device
+        self.autocast = _autocast_factory(self.device, amp_dtype)
+        self.generator = torch.Generator("cpu").manual_seed(config.seed)
+        self.tracker = _Tracker()
+        self.router = Router(backbone.unet)  # after the adapters were installed
+
+    # manifests ---------------------------------------------------------------------------------
+    def fingerprints(self, adapter: AdapterSpec) -> list[str]:
+        return list(dict.fromkeys(self.records[i].latent_fingerprint for i in adapter.records))
+
+    def manifest(self, adapter: AdapterSpec, step: int) -> Manifest:
+        config = self.config
+        records = [self.records[i] for i in adapter.records]
+        if adapter.kind == "temporal":
+            keys = {"temporal": "loss_temporal", "org": "loss_org", "ad": "loss_ad"}
+        else:
+            keys = {"spatial": f"loss_{adapter.name}"}
+        losses = {name: value for name, key in keys.items() if (value := self.tracker.mean(key)) is not None}
+        concept = config.data.concept or next((r.concept for r in records if r.concept), None)
+        return Manifest(
+            kind=adapter.kind, base=BaseModelRef(model_id=self.backbone.model_id,
+                                                 architecture=self.backbone.architecture_fingerprint),
+            rank=config.lora.rank, alpha=config.lora.settings.effective_alpha, targets=list(adapter.targets),
+            mode=config.mode,
+            training_config={**config.model_dump(mode="json"), "lora_dropout": config.lora.dropout,
+                             "routing": self.plan.routing},
+            data_fingerprints=self.fingerprints(adapter),
+            captions=list(dict.fromkeys(r.caption for r in records)), concept=concept, step=step, losses=losses,
+            metrics={"updates": float(self.tracker.updates.get(adapter.name, 0))})
+
+    def write_packages(self, layout: RunLayout, step: int) -> dict[str, Path]:
+        return write_packages(layout, self.backbone.unet, self.plan, lambda adapter: self.manifest(adapter, step))
+
+    # state ---------------------------------------------------------------------------------------
+    def state_dict(self, step: int) -> dict[str, Any]:
+        state = {"step": step, "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "engine": self.engine.state_dict(), "tracker": self.tracker.state_dict()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def restore(self, step: int) -> dict[str, Any]:
+        """Weights, RNG and bookkeeping of checkpoint `step`; returns the engine's state for after prepare()."""
+        checkpoint = self.layout.checkpoint(step)
+        load_packages(checkpoint, self.backbone.unet, self.plan, self.fingerprints)
+        state = read_training_state(checkpoint)
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.tracker = _Tracker.from_state(state["tracker"])
+        return state["engine"]
+
+    def checkpoint(self, step: int) -> Path:
+        return write_checkpoint(self.layout, step, lambda layout: self.write_packages(layout, step),
+                                self.state_dict(step))
+
+    # validation ------------------------------------------------------------------------------------
+    def validation_prompts(self) -> list[str]:
+        return self.config.validation.prompts or list(dict.fromkeys(r.caption for r in self.records))
+
+    def validate(self, step: int) -> None:
+        """Sample with the inference routing; isolated from the training RNG so it never changes the run."""
+        validation = self.config.validation
+        settings = validation.sampling
+        unet = self.backbone.unet
+        with torch.random.fork_rng(devices=_rng_devices(self.device)), \
+                self.router.active(self.plan.inference_adapters(self.config.mode)), self.autocast():
+            unet.eval()  # no LoRA dropout while sampling
+            try:
+                for index, prompt in enumerate(self.validation_prompts()):
+                    noise_generator = torch.Generator("cpu").manual_seed(validation.seed + index)
+                    noise = torch.randn(latent_shape(self.backbone, settings, 1), generator=noise_generator)
+                    frames = sample_videos(self.backbone, [prompt], settings, initial_noise=noise)[0]
+                    stem = self.layout.samples / f"step-{step}-{index}"
+                    write_video(frames, stem.with_suffix(".mp4"), fps=validation.fps)
+                    write_gif(frames, stem.with_suffix(".gif"), fps=validation.fps)
+            finally:
+                unet.train()
+
+    # steps -------------------------------------------------------------------------------------------
+    def run(self, start: int, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
+        config = self.config
+        shapes = [(1, *r.latent_mean.shape) for r in self.records]
+        clips = [clip_tensors(r, self.device) for r in self.records]
+        skip_probability = config.spatial_skip_probability if config.mode.startswith("dual_path") else 0.0
+        num_timesteps = self.backbone.scheduler.config.num_train_timesteps
+        _keep_metrics_until(self.layout.metrics, start)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a crashed or interrupted attempt logged after the resumed step.
+        writer = SummaryWriter(str(self.layout.tensorboard), purge_step=start + 1)
+        began = time.perf_counter()
+        with _stop_requests() as stop, _progress_bar(progress) as bar, \
+                open(self.layout.metrics, "a", encoding="utf-8") as metrics:
+            task = bar.add_task("train", total=config.steps, completed=start, rate="", losses="")
+            try:
+                for step in range(start + 1, config.steps + 1):
+                    draw = draw_step(self.generator, shapes, num_timesteps, skip_probability)
+                    losses = step_losses(self.backbone, self.plan, self.router, config.mode, clips[draw.record],
+                                         draw, ad_beta=config.ad_beta, autocast=self.autocast)
+                    updated = self.engine.apply(losses.by_adapter)
+                    scalars = losses.scalars()
+                    for key, value in scalars.items():
+                        self.tracker.add(key, value)
+                    if losses.spatial is not None:
+                        self.tracker.add(f"loss_{self.plan.spatial_for(draw.record)}", scalars["loss_spatial"])
+                    for adapter in updated:
+                        self.tracker.updates[adapter] = self.tracker.updates.get(adapter, 0) + 1
+                    entry = {"step": step, **scalars, "spatial_lora": self.plan.spatial_of_record[draw.record],
+                             "record": draw.record, "timestep": draw.timestep, "skip_spatial": draw.skip_spatial,
+                             "updated": updated, "seconds": round(time.perf_counter() - began, 4)}
+                    if step % config.log_every == 0 or step == config.steps:
+                        metrics.write(json.dumps(entry) + "\n")
+                        metrics.flush()
+                        for key, value in scalars.items():
+                            writer.add_scalar(f"train/{key}", value, step)
+                    rate = (step - start) / max(time.perf_counter() - began, 1e-9)
+                    bar.update(task, completed=step, rate=f"{rate:.2f} it/s",
+                               losses="  ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
+                    if on_step is not None:
+                        on_step(step, entry)
+                    stopping = stop.is_set() and step < config.steps
+                    if stopping or step == config.steps or (config.checkpoint_every
+                                                            and step % config.checkpoint_every == 0):
+                        path = self.checkpoint(step)
+                    if stopping:
+                        raise TrainingInterrupted(step, path)
+                    if config.validation.every and step % config.validation.every == 0:
+                        self.validate(step)
+            finally:
+                writer.close()
+
+
+def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          backbone: BackboneSpec | None = None, records: list[CacheRecord] | None = None,
+          engine: Engine | None = None, progress: bool = True,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RunSummary:
+    """Train the config's LoRAs into the run folder `out_dir`; see the module doc.
+
+    `backbone` / `records` skip loading the base model / encoding the dataset (their adapters are
+    removed again afterwards, so one backbone can serve several runs). `engine` defaults to the
+    config's (torch or DeepSpeed). `on_step(step, metrics)` is called after every step.
+    Raises TrainingInterrupted (checkpoint written) on SIGINT/SIGTERM, RunFolderError for an unusable
+    OUT, ValueError for bad data, ModelNotAvailableError / ModelTooLargeError for the base model.
+    """
+    began = time.perf_counter()
+    layout = RunLayout(Path(out_dir))
+    start = prepare_run_folder(layout, config, resume=resume, overwrite=overwrite)
+    device = backbone.device if backbone is not None else resolve_device(config.device)
+    amp_dtype = autocast_dtype(config.mixed_precision, device)
+    if backbone is None:
+        # Frozen weights in the autocast precision on GPU (memory), fp32 on CPU.
+        frozen = amp_dtype if device.type == "cuda" and amp_dtype is not None else torch.float32
+        backbone = load_backbone(config.base, device, dtype=frozen)
+    if records is None:
+        records = load_training_records(config, backbone, progress)
+    check_records(records, backbone)
+    plan = plan_adapters(config, records, backbone)
+    engine = engine if engine is not None else make_engine(config.engine)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(layout.config, config.to_yaml().encode())
+    layout.summary.unlink(missing_ok=True)  # the run is incomplete until it is rewritten
+
+    unet = backbone.unet
+    with torch.random.fork_rng(devices=_rng_devices(device)), \
+            installed_adapters(unet, plan, config.lora.settings, config.seed):
+        torch.manual_seed(config.seed)  # LoRA dropout draws from the global RNG
+        if config.gradient_checkpointing:
+            backbone.enable_gradient_checkpointing()
+        run = _Run(config, layout, backbone, records, plan, engine, amp_dtype)
+        # Weights before prepare(): DeepSpeed copies them into its fp32 partitions there.
+        engine_state = run.restore(start) if start is not None else None
+        engine.prepare(plan.parameter_paths(unet), config.optimizer, fp16_loss_scaling=amp_dtype == torch.float16)
+        if engine_state is not None:
+            engine.load_state_dict(engine_state)
+        was_training = unet.training
+        unet.train()  # LoRA dropout on
+        try:
+            run.run(start or 0, progress, on_step)
+            packages = run.write_packages(layout, config.steps)
+            if config.validation.every and config.steps % config.validation.every:
+                run.validate(config.steps)
+        finally:
+            unet.train(was_training)
+    summary = RunSummary(
+        out_dir=str(layout.root), steps=config.steps, resumed_from=start, mode=config.mode, routing=plan.routing,
+        losses={key: value for key in sorted(run.tracker.recent) if (value := run.tracker.mean(key)) is not None},
+        packages={"temporal": str(packages["temporal"]) if "temporal" in packages else None,
+                  "spatial": [str(packages[a.name]) for a in plan.spatial]},
+        checkpoints=layout.checkpoint_steps(),
+        samples=sorted(str(p) for p in layout.samples.glob("*")) if layout.samples.is_dir() else [],
+        seconds=round(time.perf_counter() - began, 3))
+    atomic_write_bytes(layout.summary, json.dumps(summary.to_json(), indent=2).encode())
+    return summary
