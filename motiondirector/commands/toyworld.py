@@ -1,0 +1,141 @@
+"""`motiondirector toyworld ...`: render reference clips, pretrain the embedded `toy` model, report, benchmark."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from motiondirector.commands.common import DeviceOption, JsonOption, console, print_json, reported_errors
+
+app = typer.Typer(no_args_is_help=True, help="The synthetic toy world: reference clips, the embedded `toy` "
+                                             "model, its quality report and the Table-1 benchmark.")
+
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the clip's start position, size and phase.")]
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+@app.command("render")
+def render_command(
+    prompt: Annotated[str, typer.Option("--prompt", help='e.g. "a red square moving left on a grey background"')],
+    out: Annotated[Path, typer.Option("--out", help="Output video (.mp4 or .gif).")],
+    frames: Annotated[int, typer.Option("--frames", min=1)] = 8,
+    size: Annotated[int, typer.Option("--size", min=8, help="Frame side in pixels.")] = 32,
+    seed: SeedOption = 0,
+    fps: Annotated[float, typer.Option("--fps", min=0.1)] = 8.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Render a ground-truth clip of the toy world from a caption."""
+    from motiondirector.toyworld.render import parse_caption, render
+    from motiondirector.video_io import write_gif, write_video
+
+    with reported_errors():
+        if out.suffix.lower() not in (".mp4", ".gif"):
+            raise ValueError(f"--out {out}: expected a .mp4 or .gif file name")
+        clip = render(parse_caption(prompt), frames=frames, size=size, seed=seed)
+        (write_gif if out.suffix.lower() == ".gif" else write_video)(clip.frames, out, fps=fps)
+    result = {"path": str(out), "caption": clip.caption, "seed": seed, "frames": frames, "size": size,
+              "trajectory": [dict(zip(("x", "y", "area"), map(float, row), strict=True)) for row in clip.trajectory]}
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"wrote {out}: {clip.caption} ({frames} frames, {size}x{size}, seed {seed})")
+
+
+@app.command("pretrain")
+def pretrain_command(
+    out: Annotated[Path, typer.Option("--out", help="Work folder: autoencoder, latent pool, checkpoints, logs.")],
+    minutes: Annotated[float, typer.Option("--minutes", min=0.0, help="Denoiser training time in this run.")] = 60.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop at this total step.")] = None,
+    export: Annotated[Path | None, typer.Option(
+        "--export", help="Where the diffusers folder goes; default: the embedded `toy` model folder.")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch.")] = 2,
+) -> None:
+    """Pretrain the toy base model (autoencoder, then UNet3D + text encoder); resumable in chunks."""
+    from dataclasses import replace
+
+    from motiondirector.toyworld.pretrain import EMBEDDED_MODEL_FOLDER, PretrainSettings, pretrain
+
+    with reported_errors(), _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                unit = " (seconds)" if stage == "denoiser" else ""
+                tasks[stage] = progress.add_task(stage + unit, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        recipe = pretrain(out, minutes=minutes, resume=resume, max_steps=max_steps,
+                          export_to=export or EMBEDDED_MODEL_FOLDER,
+                          settings=replace(PretrainSettings(), threads=threads),
+                          echo=lambda message: console.print(message, highlight=False), on_progress=on_progress)
+    console.print(f"exported step {recipe['denoiser_steps']} to {export or EMBEDDED_MODEL_FOLDER}")
+
+
+@app.command("report")
+def report_command(
+    base: Annotated[str, typer.Option("--base", help="Model to evaluate.")] = "toy",
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="Pairs for the pretraining motions.")] = 64,
+    held_out_prompts: Annotated[int, typer.Option("--held-out-prompts", min=1)] = 16,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = 20,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for report.json, report.md and a grid.")] = None,
+    docs: Annotated[Path | None, typer.Option(
+        "--docs", help="Also replace the report section of this markdown file (docs/toyworld.md).")] = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Base-model quality: colour/shape/background accuracy and motion fidelity on unseen prompt/seed pairs."""
+    import json
+    from dataclasses import replace
+
+    import torch
+
+    from motiondirector.backbones import load_backbone
+    from motiondirector.lora.package import atomic_write_bytes
+    from motiondirector.toyworld.evaluate import (
+        TOY_SAMPLING,
+        base_quality_report,
+        replace_docs_section,
+        report_markdown,
+    )
+    from motiondirector.video_io import write_grid_png
+
+    command = "motiondirector toyworld report " + shlex.join(sys.argv[sys.argv.index("report") + 1:]) \
+        if "report" in sys.argv else "motiondirector toyworld report"
+    with reported_errors(), _progress() as progress:
+        backbone = load_backbone(base, device)
+        task = progress.add_task("sampling", total=prompts + held_out_prompts)
+        report = base_quality_report(backbone, prompts=prompts, held_out_prompts=held_out_prompts, seed=seed,
+                                     settings=replace(TOY_SAMPLING, guidance=guidance, steps=steps),
+                                     on_batch=lambda done, total: progress.update(task, completed=done))
+        markdown = report_markdown(report, command.strip())
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            samples = report.pop("samples")
+            atomic_write_bytes(out / "report.md", markdown.encode())
+            atomic_write_bytes(out / "report.json", json.dumps(report, indent=2, default=str).encode())
+            first = torch.stack([s.frames for s in samples[:16]])
+            write_grid_png(first.reshape(-1, *first.shape[2:]), out / "samples.png", columns=first.shape[1])
+        if docs is not None:
+            replace_docs_section(docs, "report", markdown)
+    report.pop("samples", None)
+    if as_json:
+        print_json(report)
+    else:
+        sys.stdout.write(markdown)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="toyworld")

@@ -1,0 +1,346 @@
+"""Pretraining recipe of the embedded `toy` base model (ZeroScope's architecture, toy-world scale).
+
+Stages, each resumable from files in the work folder:
+1. autoencoder (AutoencoderKL, 4x) on rendered frames -> `autoencoder.pt`;
+2. a fixed pool of rendered clips of the pretraining motions, encoded once -> `pool.pt`;
+3. UNet3D + CLIP text encoder trained jointly from scratch on the pool (epsilon prediction,
+   min-SNR weighting, caption dropout for classifier-free guidance, EMA) -> `checkpoint.pt`,
+   saved every few minutes, with a periodic sampled quality probe -> `probes.jsonl`;
+then the EMA weights are exported as a diffusers folder (default: the embedded model folder).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from motiondirector.backbones.tiny import TinyModelConfig, build_components, save_model_folder
+from motiondirector.toyworld.render import (
+    HELD_OUT_MOTION,
+    PRETRAIN_MOTIONS,
+    Scene,
+    all_scenes,
+    render,
+    world_words,
+)
+
+EMBEDDED_MODEL_FOLDER = Path(__file__).resolve().parent / "model"
+FRAMES = 8
+SIZE = 32
+
+
+def toy_model_config() -> TinyModelConfig:
+    """The toy model's sizes: 32x32x8 videos, 4x autoencoder (8x8 latents), ~2.9 M-param UNet."""
+    return TinyModelConfig(block_out_channels=(48, 96), layers_per_block=1, attention_head_dim=8,
+                           norm_num_groups=16, text_dim=64, text_layers=2, text_heads=4, max_tokens=16,
+                           vae_channels=(16, 32, 64), latent_channels=4, sample_size=SIZE, words=world_words())
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    seed: int = 0
+    autoencoder_steps: int = 1000
+    autoencoder_batch: int = 12
+    autoencoder_lr: float = 2e-3
+    pool_seeds_per_scene: int = 12
+    batch: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    checkpoint_minutes: float = 4.0
+    probe_minutes: float = 15.0
+    probe_prompts: int = 12
+    threads: int = 1
+    model: TinyModelConfig = field(default_factory=toy_model_config)
+
+
+def _atomic_torch_save(payload: dict, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def _log(folder: Path, message: str, echo: Callable[[str], None]) -> None:
+    echo(message)
+    with open(folder / "pretrain.log", "a") as handle:
+        handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+
+# --- stage 1: autoencoder ------------------------------------------------------------------
+
+def _frame_batch(rng: random.Random, frames: int, motions: tuple[str, ...]) -> torch.Tensor:
+    """`frames` single frames, each from its own random clip (more variety per step than whole clips)."""
+    scenes = all_scenes(motions)
+    picked = [render(rng.choice(scenes), frames=FRAMES, size=SIZE, seed=rng.randrange(2**31)).frames[
+        rng.randrange(FRAMES)] for _ in range(frames)]
+    pixels = torch.from_numpy(np.stack(picked)).float() / 255.0
+    return pixels.permute(0, 3, 1, 2) * 2.0 - 1.0
+
+
+def train_autoencoder(vae, settings: PretrainSettings, log: Callable[[str], None],
+                      on_step: Callable[[int, int], None]) -> float:
+    """Reconstruction (MSE + L1) with a tiny KL term; returns the held-out PSNR in dB."""
+    rng = random.Random(settings.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.autoencoder_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.autoencoder_lr,
+                                                   total_steps=settings.autoencoder_steps, pct_start=0.05)
+    vae.train()
+    for step in range(settings.autoencoder_steps):
+        pixels = _frame_batch(rng, settings.autoencoder_batch, PRETRAIN_MOTIONS)
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, pixels) + 0.5 * F.l1_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        on_step(step + 1, settings.autoencoder_steps)
+        if (step + 1) % 100 == 0:
+            log(f"autoencoder step {step + 1}/{settings.autoencoder_steps} loss {loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        pixels = _frame_batch(random.Random(settings.seed + 1), 64, tuple(PRETRAIN_MOTIONS) + (HELD_OUT_MOTION,))
+        recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+        mse = F.mse_loss((recon + 1) / 2, (pixels + 1) / 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+# --- stage 2: latent pool ------------------------------------------------------------------
+
+@torch.no_grad()
+def build_pool(vae, settings: PretrainSettings, on_step: Callable[[int, int], None]) -> dict:
+    """Encode every pretraining scene at several seeds; latents stay unscaled until training."""
+    scenes = all_scenes(PRETRAIN_MOTIONS)
+    items = [(index, seed) for index in range(len(scenes)) for seed in range(settings.pool_seeds_per_scene)]
+    latents = []
+    for done, (index, seed) in enumerate(items):
+        # Pool seeds are offset so they never coincide with report/benchmark seeds (< 10_000).
+        frames = render(scenes[index], frames=FRAMES, size=SIZE, seed=10_000 + seed).frames
+        pixels = torch.from_numpy(frames).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+        latents.append(vae.encode(pixels).latent_dist.mean.permute(1, 0, 2, 3))
+        on_step(done + 1, len(items))
+    return {"latents": torch.stack(latents), "scene_index": torch.tensor([i for i, _ in items]),
+            "captions": [s.caption for s in scenes]}
+
+
+# --- stage 3: denoiser + text encoder --------------------------------------------------------
+
+class _Ema:
+    """Exponential moving average of parameters, warmed up so early steps are not frozen in."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = [copy.deepcopy(m).requires_grad_(False) for m in modules]
+
+    def update(self, modules: list[torch.nn.Module], step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for shadow, module in zip(self.shadow, modules, strict=True):
+                for target, source in zip(shadow.parameters(), module.parameters(), strict=True):
+                    target.lerp_(source, 1.0 - decay)
+
+
+def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def quality_probe(components: dict, prompts: list[Scene], seed: int, steps: int = 20,
+                  guidance: float = 6.0) -> dict[str, float]:
+    """Sample `prompts` with the current weights and score them with the analytic probes."""
+    from motiondirector.backbones.unet3d import UNet3DSpec
+    from motiondirector.sample import SamplingSettings, latent_shape, sample_videos
+    from motiondirector.toyworld.probes import appearance_hits, mean_ci, motion_fidelity, probe
+
+    backbone = UNet3DSpec(unet=copy.deepcopy(components["unet"]), vae=components["vae"],
+                          text_encoder=copy.deepcopy(components["text_encoder"]),
+                          tokenizer=components["tokenizer"], scheduler=components["scheduler"], model_id="toy")
+    settings = SamplingSettings(steps=steps, guidance=guidance, frames=FRAMES, height=SIZE, width=SIZE)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latent_shape(backbone, settings, len(prompts)), generator=generator)
+    videos = sample_videos(backbone, [s.caption for s in prompts], settings, initial_noise=noise)
+    scores: dict[str, list[float]] = {"colour": [], "shape": [], "background": [], "fidelity": []}
+    for index, (scene, video) in enumerate(zip(prompts, videos, strict=True)):
+        found = probe(video)
+        for name, hit in appearance_hits(found, scene).items():
+            scores[name].append(float(hit))
+        reference = render(scene, frames=FRAMES, size=SIZE, seed=seed + index).trajectory
+        scores["fidelity"].append(motion_fidelity(found.trajectory, reference))
+    return {name: round(mean_ci(values)[0], 4) for name, values in scores.items()}
+
+
+def _components_from_state(settings: PretrainSettings, state: dict) -> dict:
+    components = build_components(settings.model, settings.seed)
+    components["vae"].load_state_dict(state["vae"])
+    components["vae"].register_to_config(scaling_factor=state["scaling_factor"])
+    components["vae"].eval()
+    return components
+
+
+def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int | None = None,
+             export_to: Path | None = EMBEDDED_MODEL_FOLDER, settings: PretrainSettings | None = None,
+             echo: Callable[[str], None] = print,
+             on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Run (or continue) the recipe for up to `minutes` of denoiser training; returns the recipe record."""
+    settings = settings or PretrainSettings()
+    out = Path(out)
+    checkpoint_path = out / "checkpoint.pt"
+    if checkpoint_path.exists() and not resume:
+        raise ValueError(f"{out} already holds a pretraining run ({checkpoint_path}); pass --resume to continue "
+                         "it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(settings.threads)
+    progress = on_progress or (lambda stage, done, total: None)
+
+    def log(message: str) -> None:
+        _log(out, message, echo)
+
+    timings = {}
+    ae_path = out / "autoencoder.pt"
+    if ae_path.exists():
+        ae_state = torch.load(ae_path, weights_only=True)
+    else:
+        started = time.time()
+        vae = build_components(settings.model, settings.seed)["vae"]
+        psnr = train_autoencoder(vae, settings, log, lambda d, t: progress("autoencoder", d, t))
+        ae_state = {"vae": vae.state_dict(), "psnr": psnr, "seconds": time.time() - started}
+        log(f"autoencoder done: held-out PSNR {psnr:.1f} dB in {ae_state['seconds'] / 60:.1f} min")
+        ae_state["scaling_factor"] = 1.0  # set from the pool's statistics below
+        _atomic_torch_save(ae_state, ae_path)
+    pool_path = out / "pool.pt"
+    components = _components_from_state(settings, ae_state)
+    if pool_path.exists():
+        pool = torch.load(pool_path, weights_only=True)
+    else:
+        started = time.time()
+        pool = build_pool(components["vae"], settings, lambda d, t: progress("latent pool", d, t))
+        # Scale latents to unit variance, the role of ZeroScope's 0.18215.
+        pool["scaling_factor"] = float(1.0 / pool["latents"].std())
+        pool["seconds"] = time.time() - started
+        _atomic_torch_save(pool, pool_path)
+        ae_state["scaling_factor"] = pool["scaling_factor"]
+        _atomic_torch_save(ae_state, ae_path)
+        log(f"pool: {len(pool['latents'])} clips, scaling factor {pool['scaling_factor']:.4f}, "
+            f"{pool['seconds'] / 60:.1f} min")
+    timings["autoencoder_minutes"] = round(ae_state["seconds"] / 60, 2)
+    timings["pool_minutes"] = round(pool["seconds"] / 60, 2)
+    components["vae"].register_to_config(scaling_factor=pool["scaling_factor"])
+    latents = pool["latents"] * pool["scaling_factor"]
+    tokenizer = components["tokenizer"]
+    caption_ids = tokenizer(pool["captions"] + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+    empty_id = len(pool["captions"])
+
+    unet, text_encoder, scheduler = components["unet"], components["text_encoder"], components["scheduler"]
+    trained = [unet, text_encoder]
+    parameters = [p for module in trained for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=1e-2)
+    ema = _Ema(trained, settings.ema_decay)
+    step, unet_seconds = 0, 0.0
+    rng = torch.Generator().manual_seed(settings.seed)
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        for shadow, saved in zip(ema.shadow, state["ema"], strict=True):
+            shadow.load_state_dict(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        step, unet_seconds = state["step"], state["seconds"]
+        log(f"resumed at step {step} ({unet_seconds / 60:.1f} min trained)")
+
+    def save_checkpoint() -> None:
+        _atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                            "ema": [s.state_dict() for s in ema.shadow], "optimizer": optimizer.state_dict(),
+                            "rng": rng.get_state(), "step": step, "seconds": unet_seconds}, checkpoint_path)
+
+    def ema_components() -> dict:
+        return {**components, "unet": ema.shadow[0], "text_encoder": ema.shadow[1]}
+
+    probe_scenes = [all_scenes(PRETRAIN_MOTIONS)[i] for i in
+                    torch.randperm(len(all_scenes(PRETRAIN_MOTIONS)), generator=torch.Generator().manual_seed(1))
+                    [:settings.probe_prompts].tolist()]
+    budget = minutes * 60
+    session_start = last_save = last_probe = time.time()
+    unet.train()
+    text_encoder.train()
+    losses: list[float] = []
+    while time.time() - session_start < budget and (max_steps is None or step < max_steps):
+        tick = time.time()
+        index = torch.randint(0, len(latents), (settings.batch,), generator=rng)
+        clean = latents[index]
+        ids = caption_ids[pool["scene_index"][index]]
+        dropped = torch.rand(settings.batch, generator=rng) < settings.caption_dropout
+        ids[dropped] = caption_ids[empty_id]
+        noise = torch.randn(clean.shape, generator=rng)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (settings.batch,), generator=rng)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        text = text_encoder(ids)[0]
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
+        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3, 4))
+        loss = (per_sample * _min_snr_weights(scheduler, timesteps, settings.min_snr_gamma)).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        step += 1
+        ema.update(trained, step)
+        unet_seconds += time.time() - tick
+        losses.append(loss.item())
+        progress("denoiser", int(time.time() - session_start), int(budget))
+        if step % 50 == 0:
+            log(f"step {step} loss {np.mean(losses[-50:]):.4f} ({unet_seconds / step:.2f} s/step)")
+        if time.time() - last_save > settings.checkpoint_minutes * 60:
+            save_checkpoint()
+            last_save = time.time()
+        if time.time() - last_probe > settings.probe_minutes * 60:
+            scores = quality_probe(ema_components(), probe_scenes, seed=step)
+            with open(out / "probes.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": step, "minutes": round(unet_seconds / 60, 1), **scores}) + "\n")
+            log(f"probe at step {step}: {scores}")
+            last_probe = time.time()
+    save_checkpoint()
+    recipe = {
+        "builder": "motiondirector.toyworld.pretrain", "seed": settings.seed, "denoiser_steps": step,
+        "held_out_motion": HELD_OUT_MOTION, "pretrain_motions": list(PRETRAIN_MOTIONS),
+        "frames": FRAMES, "size": SIZE, "autoencoder_psnr_db": round(ae_state["psnr"], 2),
+        "latent_scaling_factor": pool["scaling_factor"], "pool_clips": len(latents),
+        "timings": {**timings, "denoiser_minutes": round(unet_seconds / 60, 2), "threads": settings.threads},
+        "settings": {k: v for k, v in asdict(settings).items() if k != "model"}, "model": asdict(settings.model),
+    }
+    if export_to is not None:
+        export(ema_components(), Path(export_to), recipe)
+        log(f"exported step {step} to {export_to}")
+    return recipe
+
+
+def export(components: dict, folder: Path, recipe: dict) -> Path:
+    """Write the diffusers folder next to `folder`, then swap it in (never half-written)."""
+    staging = folder.with_name(folder.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_model_folder(components, staging, recipe=recipe)
+    previous = folder.with_name(folder.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, previous)
+    os.replace(staging, folder)
+    shutil.rmtree(previous, ignore_errors=True)
+    return folder

@@ -1,0 +1,150 @@
+"""Analytic probes of toy-world videos and the benchmark's metrics (definitions: docs/toyworld.md).
+
+A probe reads decoded frames only: background colour (median of the border pixels), object colour
+(median of the pixels far from the background), a soft object mask (each pixel's share of the way
+from the background colour to the object colour), and from it per-frame centroid, area and shape
+(area over the soft bounding box: square 1, circle pi/4, triangle 1/2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from motiondirector.toyworld.render import BACKGROUNDS, OBJECT_COLOURS, SHAPE_FILL, Scene
+
+NONE = "none"  # no object found
+ATTRIBUTES = ("colour", "shape", "background")
+SIGNALS = ("x", "y", "area")
+# A pixel this far (RGB Euclidean, [0, 1] units) from the background surely belongs to the object.
+_CORE_DISTANCE = 0.3
+# Soft-mask weights below this are treated as background noise.
+_MIN_WEIGHT = 0.15
+# A frame needs at least this share of the image covered to count as showing the object.
+_MIN_AREA = 0.004
+
+
+@dataclass(frozen=True)
+class Probe:
+    colour: str
+    shape: str
+    background: str
+    trajectory: np.ndarray  # (F, 3): centroid x, y in [0, 1] and area share; NaN where no object
+    fill: float  # median area / soft-bounding-box ratio over frames (the shape feature)
+
+    def attribute(self, name: str) -> str:
+        return getattr(self, name)
+
+
+def _as_float_frames(frames) -> np.ndarray:
+    array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"frames must be (F, H, W, 3), got shape {tuple(array.shape)}")
+    return array.astype(np.float64) / 255.0 if array.dtype == np.uint8 else array.astype(np.float64)
+
+
+def _nearest(colour: np.ndarray, palette: dict[str, tuple[float, float, float]]) -> str:
+    return min(palette, key=lambda name: float(np.sum((np.array(palette[name]) - colour) ** 2)))
+
+
+def probe(frames) -> Probe:
+    """Probe one video: frames (F, H, W, 3) as uint8 or float in [0, 1] (numpy or torch)."""
+    video = _as_float_frames(frames)
+    n_frames, height, width, _ = video.shape
+    border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1)
+    background = np.median(border.reshape(-1, 3), axis=0)
+    distance = np.linalg.norm(video - background, axis=-1)
+    core = distance > _CORE_DISTANCE
+    trajectory = np.full((n_frames, 3), np.nan)
+    if not core.any():
+        return Probe(NONE, NONE, _nearest(background, BACKGROUNDS), trajectory, float("nan"))
+    colour = np.median(video[core], axis=0)
+    direction = colour - background
+    weight = np.clip((video - background) @ direction / float(direction @ direction), 0.0, 1.0)
+    weight[weight < _MIN_WEIGHT] = 0.0
+    xs, ys = (np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height
+    fills = []
+    for f in range(n_frames):
+        mass = weight[f].sum()
+        if mass / (height * width) < _MIN_AREA:
+            continue
+        trajectory[f] = ((weight[f].sum(axis=0) @ xs) / mass, (weight[f].sum(axis=1) @ ys) / mass,
+                         mass / (height * width))
+        # Soft extents: anti-aliased edge columns/rows count by their coverage.
+        soft_width, soft_height = weight[f].max(axis=0).sum(), weight[f].max(axis=1).sum()
+        fills.append(mass / (soft_width * soft_height))
+    if not fills:
+        return Probe(NONE, NONE, _nearest(background, BACKGROUNDS), trajectory, float("nan"))
+    fill = float(np.median(fills))
+    shape = min(SHAPE_FILL, key=lambda name: abs(SHAPE_FILL[name] - fill))
+    return Probe(_nearest(colour, OBJECT_COLOURS), shape, _nearest(background, BACKGROUNDS), trajectory, fill)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def _is_constant(signal: np.ndarray, name: str) -> bool:
+    """Reference signals that do not move are skipped (area: relative to its mean)."""
+    scale = np.nanmean(np.abs(signal)) if name == "area" else 1.0
+    return not np.isfinite(scale) or float(np.nanstd(signal)) < 0.01 * (5.0 if name == "area" else 1.0) * scale
+
+
+def _fill_gaps(signal: np.ndarray) -> np.ndarray | None:
+    """Missing frames take the value of the nearest frames (linear); None if no frame is valid."""
+    valid = np.isfinite(signal)
+    if not valid.any():
+        return None
+    index = np.arange(len(signal))
+    return np.interp(index, index[valid], signal[valid])
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; 0 when either side is constant (no shared movement)."""
+    a, b = a - a.mean(), b - b.mean()
+    norm = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / norm if norm > 1e-12 else 0.0
+
+
+def motion_fidelity(generated: np.ndarray, reference: np.ndarray) -> float:
+    """Mean Pearson correlation over the reference's non-constant signals (x, y, area); NaN if none move."""
+    if generated.shape != reference.shape:
+        raise ValueError(f"trajectories differ in shape: generated {generated.shape}, reference {reference.shape}")
+    scores = []
+    for column, name in enumerate(SIGNALS):
+        ref = _fill_gaps(reference[:, column])
+        if ref is None or _is_constant(ref, name):
+            continue
+        gen = _fill_gaps(generated[:, column])
+        scores.append(0.0 if gen is None else pearson(gen, ref))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def appearance_hits(found: Probe, asked: Scene) -> dict[str, bool]:
+    """Per attribute: does the video show what the prompt asked for?"""
+    return {name: found.attribute(name) == getattr(asked, name) for name in ATTRIBUTES}
+
+
+def leakage_hits(found: Probe, asked: Scene, reference: Scene) -> dict[str, bool | None]:
+    """Per attribute: does the video show the reference's value where the prompt asked for another?
+
+    None where the prompt asked for the reference's own value (not counted); "any" is True when
+    at least one counted attribute leaked (None if no attribute was counted).
+    """
+    hits: dict[str, bool | None] = {}
+    for name in ATTRIBUTES:
+        wanted, original = getattr(asked, name), getattr(reference, name)
+        hits[name] = None if wanted == original else found.attribute(name) == original
+    counted = [hit for hit in hits.values() if hit is not None]
+    hits["any"] = any(counted) if counted else None
+    return hits
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95% confidence interval (NaNs dropped)."""
+    array = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if array.size == 0:
+        return float("nan"), float("nan")
+    if array.size == 1:
+        return float(array[0]), float("nan")
+    return float(array.mean()), float(1.96 * array.std(ddof=1) / math.sqrt(array.size))
