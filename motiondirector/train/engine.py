@@ -40,21 +40,18 @@ class LossScaler:
         self.growth_interval = growth_interval
         self.good_steps = 0
 
-    def unscale(self, grads: list[torch.Tensor]) -> bool:
-        """Divide `grads` in place by the scale; False (and a smaller scale) if any is inf/nan."""
+    def unscale(self, grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """`grads` divided by the scale, or None (and a smaller scale) if any is inf/nan."""
         if not self.enabled:
-            return True
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        if finite:
-            for g in grads:
-                g.div_(self.scale)
-            self.good_steps += 1
-            if self.good_steps % self.growth_interval == 0:
-                self.scale *= 2.0
-        else:
+            return grads
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
             self.scale /= 2.0
             self.good_steps = 0
-        return finite
+            return None
+        self.good_steps += 1
+        if self.good_steps % self.growth_interval == 0:
+            self.scale *= 2.0
+        return [g / self.scale for g in grads]
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "good_steps": self.good_steps}
@@ -74,16 +71,20 @@ def adapter_gradients(losses: dict[str, torch.Tensor | None], groups: dict[str, 
     for name, loss in losses.items():
         if loss is not None:
             by_loss.setdefault(id(loss), (loss, []))[1].append(name)
-    result: dict[str, list[torch.Tensor]] = {}
+    names_in_order: list[str] = []
+    scaled: list[torch.Tensor] = []
     for loss, names in by_loss.values():
         params = [p for name in names for p in groups[name]]
         # The spatial and temporal losses come from separate forward passes: no retained graph needed.
-        grads = list(torch.autograd.grad(loss * scaler.scale, params))
-        for name in names:
-            count = len(groups[name])
-            result[name], grads = grads[:count], grads[count:]
-    if not scaler.unscale([g for gs in result.values() for g in gs]):
+        scaled += torch.autograd.grad(loss * scaler.scale, params)
+        names_in_order += names
+    grads = scaler.unscale(scaled)
+    if grads is None:
         return {}
+    result: dict[str, list[torch.Tensor]] = {}
+    for name in names_in_order:
+        count = len(groups[name])
+        result[name], grads = grads[:count], grads[count:]
     return result
 
 
