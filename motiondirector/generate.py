@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import secrets
 import time
@@ -33,6 +32,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from motiondirector.backbones.base import BackboneSpec
+from motiondirector.data.cache import cache_root
 from motiondirector.data.records import fingerprint
 from motiondirector.lora import inject
 from motiondirector.lora.package import (
@@ -166,13 +166,6 @@ def composed(backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *, f
 
 # --- noise prior ------------------------------------------------------------------------------
 
-def default_cache_root(cache_dir: str | Path | None = None) -> Path:
-    """--cache-dir, else $MOTIONDIRECTOR_CACHE, else ~/.cache/motiondirector."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("MOTIONDIRECTOR_CACHE") or "~/.cache/motiondirector").expanduser()
-
-
 def reference_clip(video: str | Path, frames: int, size: tuple[int, int], fps: float) -> tuple[torch.Tensor, str]:
     """The first `frames` frames of `video` sampled at `fps` and fitted to `size`: (1, F, H, W, 3) uint8.
 
@@ -199,7 +192,7 @@ def noise_prior_latents(backbone: BackboneSpec, video: str | Path, params: Gener
     clip, clip_id = reference_clip(video, params.frames, (params.height, params.width), params.fps)
     key = fingerprint("noise-prior", clip_id, backbone.model_id, backbone.architecture_fingerprint,
                       backbone.vae_id, NOISE_PRIOR_INVERSION_STEPS)
-    cached = default_cache_root(cache_dir) / "noise_prior" / f"{key}.safetensors"
+    cached = cache_root(cache_dir) / "noise_prior" / f"{key}.safetensors"
     if cached.is_file():
         return load_file(str(cached))["z_inv"]
     # The posterior mean, not a sample: the prior must not depend on a random draw.
@@ -344,3 +337,92 @@ def replay(sidecar: str | Path, out_dir: str | Path | None = None, **kwargs: Any
             raise PackageError(f"{weights}: changed since {sidecar} was written (sha256 differs); "
                                "the replay would not reproduce the video")
     return generate(params, out_dir, **kwargs)
+
+
+def package_base(params: GenerationParams, catalog: LoraCatalog | None = None) -> str:
+    """The base model the first motion/appearance package was trained on (for an omitted --base)."""
+    from motiondirector.lora.package import read_manifest
+
+    choices = params.choices()
+    if not choices:
+        raise ValueError("--base is needed when no --motion or --appearance names the model")
+    role, choice = choices[0]
+    return read_manifest(resolve_lora(choice.reference, _ROLES[role], catalog)).base.model_id
+
+
+# --- image animation ------------------------------------------------------------------------------
+
+# The reference's single-image recipe (method.md): spatial LoRA only, one LoRA for all images.
+# Single-frame steps need little activation memory, so no gradient checkpointing (its recompute
+# would also run outside the spatial path's temporal bypass).
+IMAGE_TRAINING = {"mode": "spatial_only", "spatial_lora": "shared", "optimizer": {"weight_decay": 1e-4},
+                  "checkpoint_every": 0, "validation": {"every": 0}, "gradient_checkpointing": False}
+IMAGE_HFLIP = 0.5
+ANIMATE_FOLDER = "animate"
+
+
+def image_appearance(images: list[str | Path], caption: str, backbone: BackboneSpec, *, steps: int = 300,
+                     size: tuple[int, int] = (384, 384), seed: int = 0, rank: int = 32,
+                     cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """A spatial LoRA trained on `images` (each repeated as a clip), cached under the cache root by the
+    images' content hashes and every training setting; returns its package folder."""
+    import shutil
+    import tempfile
+
+    from motiondirector.config import validate_config
+    from motiondirector.data.video import content_hash
+    from motiondirector.train.layout import RunLayout
+    from motiondirector.train.loop import train
+
+    if not images:
+        raise ValueError("animate needs at least one image")
+    sources = [str(Path(image).expanduser().resolve()) for image in images]
+    config = validate_config({
+        **IMAGE_TRAINING, "base": backbone.model_id, "device": str(backbone.device), "seed": seed, "steps": steps,
+        "lora": {"rank": rank}, "cache_dir": str(cache_dir) if cache_dir else None,
+        # One frame per clip: the spatial path trains on single frames, and images do not move.
+        "data": {"name": "animate", "sources": sources, "kind": "image", "caption": caption,
+                 "caption_source": "fixed", "frames": 1, "size": list(size), "hflip": IMAGE_HFLIP},
+    }, "animate settings")
+    recipe = config.model_dump(mode="json")
+    for machine_specific in ("device", "cache_dir"):
+        recipe.pop(machine_specific)
+    recipe["data"].pop("sources")  # the images enter the key by content, not by path
+    key = fingerprint("animate", sorted(content_hash(s) for s in sources), backbone.architecture_fingerprint,
+                      recipe)
+    root = cache_root(cache_dir) / ANIMATE_FOLDER
+    run = RunLayout(root / key)
+    if not (run.summary.is_file() and (run.spatial(0) / "manifest.json").is_file()):
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        try:
+            train(config, staging, backbone=backbone, progress=progress)
+            staging.chmod(0o755)
+            if run.root.exists():  # another process finished the same LoRA first
+                shutil.rmtree(staging)
+            else:
+                staging.rename(run.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return run.spatial(0)
+
+
+def animate(images: list[str | Path], params: GenerationParams, out_dir: str | Path | None = None, *,
+            caption: str | None = None, steps_train: int = 300, appearance_scale: float = 1.0,
+            backbone: BackboneSpec | None = None, device: str | torch.device | None = None,
+            catalog: LoraCatalog | None = None, cache_dir: str | Path | None = None,
+            progress: bool = True) -> list[GeneratedVideo]:
+    """Animate images: their appearance (a cached spatial LoRA) with `params.motions`, then `generate`."""
+    if not params.motions:
+        raise ValueError("animate needs a motion: --motion LORA")
+    if backbone is None:
+        from motiondirector.backbones import load_backbone
+
+        backbone = load_backbone(params.base, device)
+    package = image_appearance(images, caption or params.prompts[0], backbone,
+                               steps=steps_train, size=(params.height, params.width), cache_dir=cache_dir,
+                               progress=progress)
+    appearance = LoraChoice(reference=str(package), scale=appearance_scale)
+    params = params.model_copy(update={"appearances": [*params.appearances, appearance]})
+    return generate(params, out_dir, backbone=backbone, catalog=catalog, cache_dir=cache_dir, progress=progress)
