@@ -170,3 +170,26 @@ def test_noise_prior_is_cached_and_mixed_into_the_initial_noise(tiny_backbone, c
     assert inversions == [4, 4]
     sidecar = json.loads(video.files["json"].read_text())["params"]
     assert (sidecar["noise_prior"], sidecar["reference_video"]) == (0.25, str(car_turn.resolve()))
+
+
+def test_generate_from_a_run_trained_by_the_training_loop(tiny_backbone, tmp_path):
+    from motiondirector.config import validate_config
+    from motiondirector.train.loop import train
+    from motiondirector.train.synthetic import synthetic_records
+
+    config = validate_config({"base": "tiny", "device": "cpu", "steps": 2, "lora": {"rank": 4},
+                              "data": {"sources": "synthetic.mp4"}, "gradient_checkpointing": False,
+                              "checkpoint_every": 1, "mixed_precision": "no"}, "test config")
+    run = tmp_path / "run"
+    train(config, run, backbone=tiny_backbone, records=synthetic_records(tiny_backbone, videos=2), progress=False)
+    runner = CliRunner()
+    # No --base: the packages name the model they were trained on.
+    common = ["generate", "--prompt", "a car", "--seed", "1", "--json", *FAST]
+    result = runner.invoke(app, [*common, "--motion", f"{run}@step-1", "--appearance", f"{run}/spatial/1",
+                                 "--appearance-scale", "0.5", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(open(json.loads(result.stdout)[0]["files"]["json"]).read())
+    assert [(lora["package"], lora["step"], lora["scale"]) for lora in sidecar["loras"]] == [
+        (str(run / "checkpoints" / "step-1" / "temporal"), 1, 1.0), (str(run / "spatial" / "1"), 2, 0.5)]
+    result = runner.invoke(app, [*common, "--appearance", str(run), "--out", str(tmp_path / "o2")])
+    assert result.exit_code == ExitCode.BAD_INPUT and "has 2 spatial LoRAs" in said(result)
