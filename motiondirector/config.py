@@ -7,6 +7,7 @@ silently ignored setting. Defaults follow the reference configs in method.md.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -155,8 +156,8 @@ def _resolve_sources(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     listed = [sources] if isinstance(sources, str) else sources
     if not isinstance(listed, list):
         return data  # pydantic reports the type error
-    resolved = [str(folder / s) if isinstance(s, str) and "://" not in s and not Path(s).is_absolute() else s
-                for s in listed]
+    resolved = [os.path.normpath(folder / s) if isinstance(s, str) and "://" not in s and not Path(s).is_absolute()
+                else s for s in listed]
     return {**data, "data": {**section, "sources": resolved}}
 
 
