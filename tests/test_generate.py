@@ -193,3 +193,17 @@ def test_generate_from_a_run_trained_by_the_training_loop(tiny_backbone, tmp_pat
         (str(run / "checkpoints" / "step-1" / "temporal"), 1, 1.0), (str(run / "spatial" / "1"), 2, 0.5)]
     result = runner.invoke(app, [*common, "--appearance", str(run), "--out", str(tmp_path / "o2")])
     assert result.exit_code == ExitCode.BAD_INPUT and "has 2 spatial LoRAs" in said(result)
+
+
+def test_generate_with_a_catalog_id(tiny_backbone, tmp_path):
+    from motiondirector.catalog import Catalog
+
+    entry = Catalog(str(tmp_path / "catalog")).add(write_random_package(tiny_backbone, tmp_path / "pkg", "temporal"))
+    common = ["generate", "--prompt", "a car", "--catalog", str(tmp_path / "catalog"), "--json", *FAST]
+    result = CliRunner().invoke(app, [*common, "--motion", entry.id, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(open(json.loads(result.stdout)[0]["files"]["json"]).read())
+    assert sidecar["loras"][0]["reference"] == entry.id
+    result = CliRunner().invoke(app, [*common, "--motion", "runs/misspelled", "--out", str(tmp_path / "o2")])
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert "runs/misspelled: not a local path, and not an entry of the catalog" in said(result)

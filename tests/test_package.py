@@ -153,7 +153,7 @@ def test_resolve_uses_a_catalog_for_non_paths(tiny_backbone, tmp_path):
             return str(package)
 
     assert resolve_lora("car-turn", "temporal", catalog=Catalog()) == package
-    with pytest.raises(PackageError, match="the catalog has no such entry"):
+    with pytest.raises(PackageError, match="not an entry of the catalog"):
         resolve_lora("bicycle", "temporal", catalog=Catalog())
     with pytest.raises(PackageError, match="catalog ids need a catalog"):
         resolve_lora("car-turn", "temporal")

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from motiondirector.commands.common import JsonOption, reported_errors
+from motiondirector.commands.common import CatalogOption, JsonOption, reported_errors
 from motiondirector.commands.generate import (
     CacheDirOption,
+    CatalogOnDemand,
     FpsOption,
     FramesOption,
     GenerationDevice,
@@ -30,7 +31,7 @@ from motiondirector.commands.generate import (
 def animate(
     images: Annotated[list[Path], typer.Argument(help="Image(s) whose appearance to animate.")],
     motion: Annotated[list[str], typer.Option("--motion", help="Motion (temporal) LoRA: a package, a run "
-                                              "folder, or RUN@step-<n>. Repeat to merge motions.")],
+                                              "folder, RUN@step-<n> or a catalog id. Repeat to merge motions.")],
     out: OutOption,
     prompt: PromptsOption = None,
     base: OptionalBase = None,
@@ -49,18 +50,21 @@ def animate(
     seed: SeedOption = None,
     device: GenerationDevice = "auto",
     cache_dir: CacheDirOption = None,
+    catalog: CatalogOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train (or reuse) a spatial LoRA on the images and generate them moving with the motion LoRA(s)."""
     from motiondirector import generate as generation
 
     with reported_errors():
+        lookup = CatalogOnDemand(catalog)
         params = build_params(base=base, prompts=prompt, motions=motion, motion_scales=motion_scale,
-                              appearances=None, appearance_scales=None, size=size,
+                              appearances=None, appearance_scales=None, size=size, catalog=lookup,
                               negative_prompt=negative_prompt, steps=steps, guidance=guidance, frames=frames,
                               fps=fps, seed=seed)
         videos = generation.animate(images, params, out, caption=caption, steps_train=steps_train,
-                                    appearance_scale=appearance_scale, device=device, cache_dir=cache_dir)
+                                    appearance_scale=appearance_scale, device=device, cache_dir=cache_dir,
+                                    catalog=lookup)
     report_videos(videos, as_json)
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from motiondirector.commands.common import JsonOption, console, print_json, reported_errors
+from motiondirector.commands.common import CatalogOption, JsonOption, console, print_json, reported_errors
 
 if TYPE_CHECKING:
     from motiondirector.generate import GeneratedVideo, GenerationParams
@@ -20,7 +20,8 @@ OptionalBase = Annotated[str | None, typer.Option(
     "--base", help="Base model: 'toy', a diffusers folder or a hub id. Default: the base of the first LoRA.")]
 PromptsOption = Annotated[list[str] | None, typer.Option("--prompt", help="One video per prompt.")]
 MotionOption = Annotated[list[str] | None, typer.Option(
-    "--motion", help="Motion (temporal) LoRA: a package, a run folder, or RUN@step-<n>. Repeat to merge motions.")]
+    "--motion", help="Motion (temporal) LoRA: a package, a run folder, RUN@step-<n> or a catalog id. Repeat to merge "
+    "motions.")]
 MotionScaleOption = Annotated[list[float] | None, typer.Option("--motion-scale", help="γ of the i-th --motion.")]
 AppearanceScaleOption = Annotated[list[float] | None, typer.Option(
     "--appearance-scale", help="γ of the i-th --appearance.")]
@@ -36,6 +37,21 @@ GenerationDevice = Annotated[str, typer.Option("--device", help="auto | cpu | cu
 CacheDirOption = Annotated[Path | None, typer.Option(
     "--cache-dir", help="Cache root (noise priors, image LoRAs); default $MOTIONDIRECTOR_CACHE or "
     "~/.cache/motiondirector.")]
+
+
+class CatalogOnDemand:
+    """`--catalog`, opened only when a LoRA reference is not a local path."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
+        self._catalog = None
+
+    def resolve(self, entry_id: str) -> Path:
+        if self._catalog is None:
+            from motiondirector.catalog import Catalog
+
+            self._catalog = Catalog(self.uri)
+        return self._catalog.resolve(entry_id)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -61,7 +77,8 @@ def pair_scales(option: str, references: list[str], scales: list[float]) -> list
 
 def build_params(*, base: str | None, prompts: list[str] | None, motions: list[str] | None,
                  motion_scales: list[float] | None, appearances: list[str] | None,
-                 appearance_scales: list[float] | None, size: str, **sampling: Any) -> GenerationParams:
+                 appearance_scales: list[float] | None, size: str, catalog: CatalogOnDemand,
+                 **sampling: Any) -> GenerationParams:
     """Options -> validated GenerationParams; an omitted --base is the first LoRA's base model."""
     from motiondirector import generate as generation
 
@@ -72,7 +89,7 @@ def build_params(*, base: str | None, prompts: list[str] | None, motions: list[s
                 motions=pair_scales("--motion", motions or [], motion_scales or []),
                 appearances=pair_scales("--appearance", appearances or [], appearance_scales or []), **sampling)
     params = generation.validated_params(data, "options")
-    return params if base else params.model_copy(update={"base": generation.package_base(params)})
+    return params if base else params.model_copy(update={"base": generation.package_base(params, catalog)})
 
 
 def report_videos(videos: list[GeneratedVideo], as_json: bool) -> None:
@@ -91,8 +108,8 @@ def generate(
     motion: MotionOption = None,
     motion_scale: MotionScaleOption = None,
     appearance: Annotated[list[str] | None, typer.Option(
-        "--appearance", help="Appearance (spatial) LoRA: a package, RUN/spatial/<k>, or a run with one spatial "
-        "LoRA.")] = None,
+        "--appearance", help="Appearance (spatial) LoRA: a package, RUN/spatial/<k>, a run with one spatial "
+        "LoRA, or a catalog id.")] = None,
     appearance_scale: AppearanceScaleOption = None,
     negative_prompt: NegativeOption = "",
     steps: StepsOption = 30,
@@ -110,21 +127,23 @@ def generate(
     = None,
     device: GenerationDevice = "auto",
     cache_dir: CacheDirOption = None,
+    catalog: CatalogOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Generate videos with learned motions (and appearances); write mp4, gif, png grid and a JSON sidecar."""
     from motiondirector import generate as generation
 
     with reported_errors():
+        lookup = CatalogOnDemand(catalog)
         if replay_from is not None:
-            videos = generation.replay(replay_from, out, device=device, cache_dir=cache_dir)
+            videos = generation.replay(replay_from, out, device=device, cache_dir=cache_dir, catalog=lookup)
         else:
             params = build_params(
                 base=base, prompts=prompt, motions=motion, motion_scales=motion_scale, appearances=appearance,
-                appearance_scales=appearance_scale, size=size, negative_prompt=negative_prompt, steps=steps,
-                guidance=guidance, frames=frames, fps=fps, seed=seed, noise_prior=noise_prior,
+                appearance_scales=appearance_scale, size=size, catalog=lookup, negative_prompt=negative_prompt,
+                steps=steps, guidance=guidance, frames=frames, fps=fps, seed=seed, noise_prior=noise_prior,
                 reference_video=str(reference) if reference else None, fuse=fuse)
-            videos = generation.generate(params, out, device=device, cache_dir=cache_dir)
+            videos = generation.generate(params, out, device=device, cache_dir=cache_dir, catalog=lookup)
     report_videos(videos, as_json)
 
 

@@ -86,8 +86,8 @@ def _package_in_run(run: RunLayout, kind: LoraKind, text: str) -> Path:
 def _catalog_package(catalog: LoraCatalog, entry_id: str) -> Path:
     try:
         folder = Path(catalog.resolve(entry_id))
-    except LookupError as error:
-        raise PackageError(f"{entry_id}: not a local path, and the catalog has no such entry ({error})") from None
+    except (LookupError, ValueError) as error:  # unknown id, or not even shaped like one
+        raise PackageError(f"{entry_id}: not a local path, and not an entry of the catalog ({error})") from None
     if not (folder / MANIFEST).is_file():
         raise PackageError(f"catalog entry {entry_id!r} resolved to {folder}, which is not a LoRA package")
     return folder
