@@ -59,8 +59,18 @@ def time_video(backbone, settings: SamplingSettings, noise: torch.Tensor) -> flo
     return time.perf_counter() - started
 
 
-def run(base: str, device: str, settings: SamplingSettings, rank: int, repeats: int) -> dict[str, list[float]]:
+def lora_flop_share(backbone, rank: int) -> float:
+    """Extra multiply-adds of rank-`rank` LoRAs relative to the temporal Linears they adapt: r(in+out)/(in·out)."""
+    modules = dict(backbone.unet.named_modules())
+    linears = [modules[name] for name in backbone.temporal_lora_targets()]
+    return (sum(rank * (m.in_features + m.out_features) for m in linears)
+            / sum(m.in_features * m.out_features for m in linears))
+
+
+def run(base: str, device: str, settings: SamplingSettings, rank: int,
+        repeats: int) -> tuple[dict[str, list[float]], float]:
     plain = load_backbone(base, device)
+    flop_share = lora_flop_share(plain, rank)
     adapted = load_backbone(base, device)
     name = add_random_temporal_lora(adapted, rank)
     noise = torch.randn(latent_shape(plain, settings, 1), generator=torch.Generator().manual_seed(0))
@@ -85,17 +95,19 @@ def run(base: str, device: str, settings: SamplingSettings, rank: int, repeats: 
     for _ in range(repeats):
         for label, measure in configs.items():
             timings[label].append(measure())
-    return timings
+    return timings, flop_share
 
 
 def report(timings: dict[str, list[float]], command: str, settings: SamplingSettings, base: str, device: str,
-           rank: int) -> str:
+           rank: int, flop_share: float) -> str:
     reference = statistics.median(timings["no LoRA"])
     lines = [SECTION, "", f"`{command}`", "",
              f"Base `{base}` on {device} ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}); {settings.steps} DDIM steps, "
              f"guidance {settings.guidance:g}, {settings.frames} frames, {settings.height}x{settings.width}, "
-             f"temporal LoRA rank {rank}; median of {len(timings['no LoRA'])} runs per video.", "",
+             f"temporal LoRA rank {rank}; median of {len(timings['no LoRA'])} runs per video. At this rank the "
+             f"LoRAs add {flop_share:.0%} to the multiply-adds of the temporal Linears they adapt (the overhead "
+             "scales with that share: small for full-size models, large for narrow toy ones).", "",
              "| configuration | seconds per video (median) | min | max | vs no LoRA |",
              "|---|---|---|---|---|"]
     for label, values in timings.items():
@@ -138,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "bench/sample.py", *(sys.argv[1:] if argv is None else argv)])
     with tempfile.TemporaryDirectory() as scratch:
         base = args.base or str(write_tiny_model(Path(scratch) / args.preset, preset_config(args.preset)))
-        timings = run(base, args.device, settings, args.rank, args.repeats)
+        timings, flop_share = run(base, args.device, settings, args.rank, args.repeats)
     label = args.base or f"random-init {args.preset}-sized model"
-    section = report(timings, command, settings, label, args.device, args.rank)
+    section = report(timings, command, settings, label, args.device, args.rank, flop_share)
     sys.stdout.write(section)
     if args.docs:
         write_section(args.docs, section)
