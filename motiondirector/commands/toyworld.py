@@ -112,15 +112,13 @@ def report_command(
     )
     from motiondirector.video_io import write_grid_png
 
-    command = "motiondirector toyworld report " + shlex.join(sys.argv[sys.argv.index("report") + 1:]) \
-        if "report" in sys.argv else "motiondirector toyworld report"
     with reported_errors(), _progress() as progress:
         backbone = load_backbone(base, device)
         task = progress.add_task("sampling", total=prompts + held_out_prompts)
         report = base_quality_report(backbone, prompts=prompts, held_out_prompts=held_out_prompts, seed=seed,
                                      settings=replace(TOY_SAMPLING, guidance=guidance, steps=steps),
                                      on_batch=lambda done, total: progress.update(task, completed=done))
-        markdown = report_markdown(report, command.strip())
+        markdown = report_markdown(report, _invocation("report"))
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             samples = report.pop("samples")
@@ -135,6 +133,60 @@ def report_command(
         print_json(report)
     else:
         sys.stdout.write(markdown)
+
+
+@app.command("benchmark")
+def benchmark_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for runs, benchmark.json/.md, grids and gifs.")],
+    base: Annotated[str, typer.Option("--base", help="Base model.")] = "toy",
+    motion: Annotated[str, typer.Option("--motion", help="Motion of the reference clips.")] = "zigzag",
+    reference: Annotated[str, typer.Option("--reference", help="Appearance of the reference clips.")] = (
+        "red circle on grey"),
+    videos: Annotated[list[int] | None, typer.Option(
+        "--videos", min=1, help="Reference clips per setting; repeat for several settings (default: 1 and 3).")] = None,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="Prompts asking for other appearances.")] = 8,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per prompt.")] = 4,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per mode.")] = 150,
+    rank: Annotated[int, typer.Option("--rank", min=1)] = 16,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
+    beta: Annotated[float, typer.Option("--beta", min=0.0, help="AD-loss beta.")] = 1.0,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
+    sampling_steps: Annotated[int, typer.Option("--sampling-steps", min=1)] = 20,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    docs: Annotated[Path | None, typer.Option(
+        "--docs", help="Also replace the benchmark section of this markdown file (docs/toyworld.md).")] = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Table 1 in the toy world: base, coupled, dual_path_no_ad and dual_path on a held-out motion."""
+    from dataclasses import replace
+
+    from motiondirector.backbones import load_backbone
+    from motiondirector.toyworld.benchmark import BenchmarkSettings, run_benchmark, table_markdown
+    from motiondirector.toyworld.evaluate import TOY_SAMPLING, replace_docs_section
+
+    with reported_errors():
+        settings = BenchmarkSettings(
+            motion=motion, reference=reference, videos=tuple(videos or (1, 3)), prompts=prompts, seeds=seeds,
+            steps=steps, rank=rank, lr=lr, ad_beta=beta, seed=seed,
+            sampling=replace(TOY_SAMPLING, guidance=guidance, steps=sampling_steps))
+        backbone = load_backbone(base, device)
+        result = run_benchmark(backbone, settings, out,
+                               on_stage=lambda stage: console.print(f"benchmark: {stage}", highlight=False))
+        markdown = f"Command: `{_invocation('benchmark')}`\n\n" + table_markdown(result)
+        if docs is not None:
+            replace_docs_section(docs, "benchmark", markdown)
+    if as_json:
+        print_json(result)
+    else:
+        sys.stdout.write(markdown)
+        console.print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, grids and gifs in {out}")
+
+
+def _invocation(command: str) -> str:
+    """The command line as typed (for the docs), starting at the sub-command."""
+    args = sys.argv[sys.argv.index(command) + 1:] if command in sys.argv else []
+    return f"motiondirector toyworld {command} {shlex.join(args)}".strip()
 
 
 def register(root: typer.Typer) -> None:

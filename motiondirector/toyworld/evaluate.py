@@ -102,7 +102,7 @@ def base_quality_report(backbone: BackboneSpec, *, prompts: int = 64, held_out_p
     pretrain_rows = [x.scores for x in samples if x.asked.motion != HELD_OUT_MOTION]
     held_rows = [x.scores for x in samples if x.asked.motion == HELD_OUT_MOTION]
     per_motion = {m: summarize([x.scores for x in samples if x.asked.motion == m])["fidelity"]
-                  for m in (*PRETRAIN_MOTIONS, HELD_OUT_MOTION)}
+                  for m in (*PRETRAIN_MOTIONS, HELD_OUT_MOTION) if any(x.asked.motion == m for x in samples)}
     return {
         "pretrain_motions": summarize(pretrain_rows),
         "held_out_motion": {"name": HELD_OUT_MOTION, **summarize(held_rows)},
@@ -114,13 +114,14 @@ def base_quality_report(backbone: BackboneSpec, *, prompts: int = 64, held_out_p
     }
 
 
-def _cell(value: tuple[float, float], percent: bool) -> str:
+def format_cell(value: tuple[float, float], percent: bool) -> str:
+    """(mean, 95% CI half-width) as "87% ± 6" or "0.91 ± 0.03"."""
     mean, ci = value
     if not np.isfinite(mean):
         return "n/a"
-    if percent:
-        return f"{100 * mean:.0f}% ± {100 * ci:.0f}" if np.isfinite(ci) else f"{100 * mean:.0f}%"
-    return f"{mean:.2f} ± {ci:.2f}" if np.isfinite(ci) else f"{mean:.2f}"
+    scale, unit, digits = (100, "%", 0) if percent else (1, "", 2)
+    ci_text = f" ± {scale * ci:.{digits}f}" if np.isfinite(ci) else ""
+    return f"{scale * mean:.{digits}f}{unit}{ci_text}"
 
 
 def report_markdown(report: dict, command: str) -> str:
@@ -133,11 +134,11 @@ def report_markdown(report: dict, command: str) -> str:
              "| prompts | " + " | ".join(f"{a} accuracy" for a in ATTRIBUTES) + " | motion fidelity |",
              "|---|" + "---|" * (len(ATTRIBUTES) + 1)]
     for label, row in (("pretraining motions", pre), (f"held-out `{held['name']}`", held)):
-        cells = [_cell(row[a], True) for a in ATTRIBUTES] + [_cell(row["fidelity"], False)]
+        cells = [format_cell(row[a], True) for a in ATTRIBUTES] + [format_cell(row["fidelity"], False)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| motion | " + " | ".join(report["fidelity_per_motion"]) + " |",
               "|---|" + "---|" * len(report["fidelity_per_motion"]),
-              "| fidelity | " + " | ".join(_cell(v, False) for v in report["fidelity_per_motion"].values()) + " |"]
+              "| fidelity | " + " | ".join(format_cell(v, False) for v in report["fidelity_per_motion"].values()) + " |"]
     return "\n".join(lines) + "\n"
 
 

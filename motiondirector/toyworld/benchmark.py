@@ -1,0 +1,211 @@
+"""The paper's Table 1 claim, measured in the toy world.
+
+Reference clips show the held-out motion with one appearance. For each setting (one video, several
+videos) and each mode (base = no LoRA, coupled, dual_path_no_ad, dual_path) LoRAs are trained with
+the training library, then the same prompt × seed grid asking for *other* appearances is sampled
+from the same initial noise in every mode, and the probes score appearance accuracy, motion
+fidelity (against the reference clip's trajectory) and appearance leakage.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from motiondirector.backbones.base import BackboneSpec
+from motiondirector.data.records import CacheRecord, fingerprint, latent_fingerprint, text_fingerprint
+from motiondirector.sample import SamplingSettings
+from motiondirector.toyworld.evaluate import (
+    TOY_SAMPLING,
+    format_cell,
+    generate_scenes,
+    score_sample,
+    summarize,
+)
+from motiondirector.toyworld.probes import ATTRIBUTES
+from motiondirector.toyworld.render import (
+    BACKGROUNDS,
+    HELD_OUT_MOTION,
+    OBJECT_COLOURS,
+    SHAPES,
+    Clip,
+    Scene,
+    render,
+)
+
+MODES = ("base", "coupled", "dual_path_no_ad", "dual_path")
+# Seeds of benchmark samples; reference clips use seeds 0..videos-1.
+_SAMPLE_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    motion: str = HELD_OUT_MOTION
+    reference: str = "red circle on grey"
+    videos: tuple[int, ...] = (1, 3)  # one setting per entry: single video, multi video
+    prompts: int = 8
+    seeds: int = 4
+    steps: int = 150
+    rank: int = 16
+    lr: float = 1e-3
+    ad_beta: float = 1.0
+    modes: tuple[str, ...] = MODES
+    seed: int = 0
+    sampling: SamplingSettings = field(default_factory=lambda: TOY_SAMPLING)
+
+
+def parse_appearance(text: str) -> tuple[str, str, str]:
+    """"red circle on grey" (or a full caption) -> (colour, shape, background)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    found = []
+    for name, valid in (("colour", OBJECT_COLOURS), ("shape", SHAPES), ("background", BACKGROUNDS)):
+        hits = [w for w in words if w in valid]
+        if len(hits) != 1:
+            raise ValueError(f"--reference {text!r}: expected exactly one {name} ({', '.join(valid)})")
+        found.append(hits[0])
+    return found[0], found[1], found[2]
+
+
+def other_appearance_prompts(reference: Scene, count: int, seed: int) -> list[Scene]:
+    """`count` scenes of the reference's motion whose colour, shape and background all differ from it."""
+    others = [Scene(c, s, b, reference.motion) for c, s, b in product(OBJECT_COLOURS, SHAPES, BACKGROUNDS)
+              if c != reference.colour and s != reference.shape and b != reference.background]
+    random.Random(seed).shuffle(others)
+    if count > len(others):
+        raise ValueError(f"--prompts {count}: the world has only {len(others)} appearances that differ from "
+                         f"the reference in colour, shape and background")
+    return others[:count]
+
+
+def clip_records(backbone: BackboneSpec, clips: list[Clip]) -> list[CacheRecord]:
+    """Encode rendered clips into training records (one video each, like files of a dataset)."""
+    records = []
+    for index, clip in enumerate(clips):
+        frames, height, width = clip.frames.shape[0], clip.frames.shape[1], clip.frames.shape[2]
+        content = fingerprint("toyworld-clip", clip.caption, clip.seed, frames, height, width)
+        latents = backbone.encode_video(torch.from_numpy(clip.frames).unsqueeze(0))
+        text = backbone.encode_text([clip.caption])[0]
+        records.append(CacheRecord(
+            dataset=f"toyworld-{clip.scene.motion}", video_path=f"toyworld://{clip.caption}/seed-{clip.seed}",
+            video_index=index, content_hash=content, clip_index=0, frame_indices=list(range(frames)),
+            source_fps=8.0, caption=clip.caption, size=(height, width), crop="none",
+            latent_mean=latents.mean[0].cpu().numpy().astype(np.float16),
+            latent_std=latents.std[0].cpu().numpy().astype(np.float16),
+            text_embedding=text.cpu().numpy().astype(np.float16),
+            latent_fingerprint=latent_fingerprint(content, list(range(frames)), (height, width), "none",
+                                                  backbone.vae_id),
+            text_fingerprint=text_fingerprint(clip.caption, backbone.text_encoder_id)))
+    return records
+
+
+def train_config(settings: BenchmarkSettings, backbone: BackboneSpec, mode: str, videos: int,
+                 caption: str) -> object:
+    from motiondirector.config import TrainConfig
+
+    sampling = settings.sampling
+    return TrainConfig.model_validate({
+        "base": backbone.model_id, "device": str(backbone.device), "seed": settings.seed, "steps": settings.steps,
+        "mode": mode, "lora": {"rank": settings.rank},
+        # Reference configs: weight decay 1e-2 for one video, 1e-4 for several.
+        "optimizer": {"lr": settings.lr, "weight_decay": 1e-2 if videos == 1 else 1e-4},
+        "ad_beta": settings.ad_beta, "gradient_checkpointing": False, "checkpoint_every": 0,
+        "log_every": 10, "validation": {"every": 0},
+        "data": {"sources": [f"toyworld://{settings.motion}"], "caption": caption, "frames": sampling.frames,
+                 "size": [sampling.height, sampling.width]},
+    })
+
+
+def _inference_choices(packages: dict, mode: str) -> list:
+    """The paper's inference: the motion (temporal) LoRA alone; coupled has one LoRA set, used whole."""
+    from motiondirector.generate import LoraChoice
+
+    choices = [("motion", LoraChoice(reference=packages["temporal"]))]
+    if mode == "coupled":
+        choices += [("appearance", LoraChoice(reference=folder)) for folder in packages["spatial"]]
+    return choices
+
+
+def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path, *,
+                  on_stage: Callable[[str], None] = print) -> dict:
+    """Train, sample and score every (setting, mode); writes results under `out` and returns them."""
+    from motiondirector.generate import composed
+    from motiondirector.train.loop import train
+    from motiondirector.video_io import write_gif, write_grid_png
+
+    for mode in settings.modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    colour, shape, background = parse_appearance(settings.reference)
+    reference = Scene(colour, shape, background, settings.motion)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = other_appearance_prompts(reference, settings.prompts, settings.seed)
+    pairs = [(scene, _SAMPLE_SEED_OFFSET + s) for scene in prompts for s in range(settings.seeds)]
+    scenes, seeds = [p[0] for p in pairs], [p[1] for p in pairs]
+    size = (settings.sampling.height, settings.sampling.width)
+    clips = [render(reference, frames=settings.sampling.frames, size=size, seed=v) for v in range(max(settings.videos))]
+    write_gif(clips[0].frames, out / "reference.gif")
+    rows, grids = [], {}
+    base_result = None
+    for videos in settings.videos:
+        records = clip_records(backbone, clips[:videos])
+        for mode in settings.modes:
+            label = f"{videos} video{'s' if videos > 1 else ''}"
+            if mode == "base" and base_result is not None:
+                rows.append({**base_result, "setting": label})
+                continue
+            on_stage(f"{label}: {mode}")
+            train_seconds = 0.0
+            if mode == "base":
+                frames = generate_scenes(backbone, scenes, seeds, settings.sampling)
+            else:
+                summary = train(train_config(settings, backbone, mode, videos, reference.caption),
+                                out / "runs" / f"{videos}v-{mode}", overwrite=True, backbone=backbone,
+                                records=records, progress=False)
+                train_seconds = summary.seconds
+                with composed(backbone, _inference_choices(summary.packages, mode)):
+                    frames = generate_scenes(backbone, scenes, seeds, settings.sampling)
+            scores = [score_sample(video, scene, seed, reference, clips[0].trajectory)
+                      for video, scene, seed in zip(frames, scenes, seeds, strict=True)]
+            for row in scores:
+                row["appearance"] = float(np.mean([row[a] for a in ATTRIBUTES]))
+            result = {"setting": label, "mode": mode, "train_seconds": round(train_seconds, 1),
+                      "metrics": summarize(scores)}
+            if mode == "base":
+                base_result = result
+            rows.append(result)
+            grids.setdefault(label, []).append(frames[:4])
+            write_gif(frames[0], out / "gifs" / f"{videos}v-{mode}.gif")
+    for label, per_mode in grids.items():
+        stacked = torch.stack(per_mode)  # (modes, 4 samples, F, H, W, 3): one row per mode and sample
+        write_grid_png(stacked.reshape(-1, *stacked.shape[3:]), out / f"grid-{label.replace(' ', '-')}.png",
+                       columns=stacked.shape[2])
+    result = {"reference": reference.caption, "prompts": [s.caption for s in prompts],
+              "samples_per_mode": len(pairs), "settings": asdict(settings), "rows": rows}
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2))
+    (out / "benchmark.md").write_text(table_markdown(result))
+    return result
+
+
+def table_markdown(result: dict) -> str:
+    """Table-1-style markdown: one row per (setting, mode), mean ± 95% CI."""
+    lines = [f"Reference: \"{result['reference']}\"; {result['samples_per_mode']} samples per row "
+             f"(prompts asking for another colour, shape and background × seeds, the same noise in every row).", "",
+             "| setting | mode | appearance accuracy | motion fidelity | leakage (any) | "
+             + " | ".join(f"{a} acc." for a in ATTRIBUTES) + " | "
+             + " | ".join(f"{a} leak" for a in ATTRIBUTES) + " |",
+             "|---|---|---|---|---|" + "---|" * (2 * len(ATTRIBUTES))]
+    for row in result["rows"]:
+        m = row["metrics"]
+        cells = [format_cell(m["appearance"], True), format_cell(m["fidelity"], False),
+                 format_cell(m["leak_any"], True)]
+        cells += [format_cell(m[a], True) for a in ATTRIBUTES] + [format_cell(m[f"leak_{a}"], True) for a in ATTRIBUTES]
+        lines.append(f"| {row['setting']} | {row['mode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

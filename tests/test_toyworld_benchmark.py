@@ -1,0 +1,119 @@
+"""Toy-world benchmark, report and demo end to end on a tiny random model (CI never pretrains)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from motiondirector.cli import app
+from motiondirector.commands.common import ExitCode
+from motiondirector.sample import SamplingSettings
+from motiondirector.toyworld.benchmark import (
+    MODES,
+    BenchmarkSettings,
+    other_appearance_prompts,
+    parse_appearance,
+    run_benchmark,
+)
+from motiondirector.toyworld.render import Scene
+
+FAST_SAMPLING = SamplingSettings(steps=2, guidance=3.0, frames=4, height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def toy_like_dir(tmp_path_factory):
+    """A random tiny model with the toy world's vocabulary and 4x autoencoder."""
+    from motiondirector.backbones.tiny import TinyModelConfig, write_tiny_model
+    from motiondirector.toyworld.render import world_words
+
+    config = TinyModelConfig(vae_channels=(8, 16, 16), words=world_words())
+    return write_tiny_model(tmp_path_factory.mktemp("toy-like"), config=config, seed=0)
+
+
+@pytest.fixture()
+def toy_like(toy_like_dir):
+    from motiondirector.backbones import load_backbone
+
+    return load_backbone(str(toy_like_dir), "cpu")
+
+
+def test_parse_appearance_and_other_prompts():
+    assert parse_appearance("red circle on grey") == ("red", "circle", "grey")
+    with pytest.raises(ValueError, match="exactly one shape"):
+        parse_appearance("red on grey")
+    reference = Scene("red", "circle", "grey", "zigzag")
+    prompts = other_appearance_prompts(reference, 12, seed=0)
+    assert len({p.caption for p in prompts}) == 12
+    assert all(p.colour != "red" and p.shape != "circle" and p.background != "grey" and p.motion == "zigzag"
+               for p in prompts)
+    with pytest.raises(ValueError, match="only 12 appearances"):
+        other_appearance_prompts(reference, 13, seed=0)
+
+
+def test_benchmark_runs_every_mode_and_setting(toy_like, tmp_path):
+    settings = BenchmarkSettings(videos=(1, 2), prompts=2, seeds=2, steps=2, rank=2, sampling=FAST_SAMPLING)
+    result = run_benchmark(toy_like, settings, tmp_path, on_stage=lambda _: None)
+    rows = result["rows"]
+    assert [(r["setting"], r["mode"]) for r in rows] == [(s, m) for s in ("1 video", "2 videos") for m in MODES]
+    assert result["samples_per_mode"] == 4
+    for row in rows:
+        metrics = row["metrics"]
+        mean, ci = metrics["appearance"]
+        assert 0.0 <= mean <= 1.0 and (np.isnan(ci) or ci >= 0)
+        assert {"fidelity", "leak_any", "leak_colour", "colour", "shape", "background"} <= set(metrics)
+    base_rows = [r for r in rows if r["mode"] == "base"]
+    assert base_rows[0]["metrics"] == base_rows[1]["metrics"]  # base is sampled once, shown per setting
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert len(saved["rows"]) == len(rows)
+    table = (tmp_path / "benchmark.md").read_text()
+    assert table.count("| dual_path |") == 2 and "motion fidelity" in table
+    assert (tmp_path / "grid-1-video.png").is_file() and (tmp_path / "gifs" / "2v-dual_path.gif").is_file()
+    assert (tmp_path / "runs" / "2v-dual_path" / "temporal").is_dir()
+
+
+def test_same_noise_across_modes(toy_like):
+    from motiondirector.toyworld.evaluate import generate_scenes
+
+    scenes = [Scene("blue", "square", "black", "zigzag")] * 2
+    first = generate_scenes(toy_like, scenes, [5, 6], FAST_SAMPLING, batch=1)
+    batched = generate_scenes(toy_like, scenes, [5, 6], FAST_SAMPLING, batch=2)
+    assert first.shape == (2, 4, 32, 32, 3)
+    assert torch.allclose(first, batched, atol=1e-4)
+
+
+def test_report_command_writes_docs_section(toy_like_dir, tmp_path):
+    docs = tmp_path / "toyworld.md"
+    docs.write_text("intro\n<!-- report:begin -->\nold\n<!-- report:end -->\nrest\n")
+    result = CliRunner().invoke(app, ["toyworld", "report", "--base", str(toy_like_dir), "--prompts", "2",
+                                      "--held-out-prompts", "1", "--steps", "2", "--device", "cpu",
+                                      "--out", str(tmp_path / "out"), "--docs", str(docs)])
+    assert result.exit_code == 0, result.output
+    text = docs.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "| pretraining motions |" in text and "toyworld report" in text
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["prompts"] == 2 and report["held_out_prompts"] == 1
+
+
+def test_render_command(tmp_path):
+    out = tmp_path / "clip.mp4"
+    result = CliRunner().invoke(app, ["toyworld", "render", "--prompt", "a red square moving left on a grey background",
+                                      "--out", str(out), "--frames", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert out.stat().st_size > 0 and len(payload["trajectory"]) == 6
+    bad = CliRunner().invoke(app, ["toyworld", "render", "--prompt", "a red blob moving left on a grey background",
+                                   "--out", str(out)])
+    assert bad.exit_code == ExitCode.BAD_INPUT and "blob" in bad.output
+
+
+def test_benchmark_settings_are_recorded(toy_like, tmp_path):
+    settings = replace(BenchmarkSettings(videos=(1,), prompts=1, seeds=1, steps=1, rank=1, sampling=FAST_SAMPLING),
+                       modes=("base",))
+    result = run_benchmark(toy_like, settings, tmp_path, on_stage=lambda _: None)
+    assert result["settings"]["sampling"]["steps"] == 2 and [r["mode"] for r in result["rows"]] == ["base"]
