@@ -25,6 +25,7 @@ from motiondirector.backbones import load_backbone
 from motiondirector.backbones.tiny import TinyModelConfig, write_tiny_model
 from motiondirector.lora import inject
 from motiondirector.lora.inject import LoraSettings
+from motiondirector.lora.interop import plain_linears
 from motiondirector.sample import SamplingSettings, latent_shape, sample_videos
 
 SECTION = "## Sampling"
@@ -79,11 +80,12 @@ def run(base: str, device: str, settings: SamplingSettings, rank: int,
         with inject.active(adapted.unet, [name]):
             return time_video(adapted, settings, noise)
 
-    def fused() -> float:
+    def fused() -> float:  # as `generate --fuse`: folded weights, LoRA layers swapped out
         with inject.active(adapted.unet, [name]):
             inject.fuse(adapted.unet, [name])
             try:
-                return time_video(adapted, settings, noise)
+                with plain_linears(adapted.unet):
+                    return time_video(adapted, settings, noise)
             finally:
                 inject.unfuse(adapted.unet)
 

@@ -35,6 +35,7 @@ from motiondirector.backbones.base import BackboneSpec
 from motiondirector.data.cache import cache_root
 from motiondirector.data.records import fingerprint
 from motiondirector.lora import inject
+from motiondirector.lora.interop import plain_linears
 from motiondirector.lora.package import (
     ADAPTER_WEIGHTS,
     LoraKind,
@@ -153,10 +154,13 @@ def composed(backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *, f
             applied.append(AppliedLora(name, role, choice.reference, folder, manifest, choice.scale,
                                        sha256_file(folder / ADAPTER_WEIGHTS)))
         with inject.active(unet, [lora.name for lora in applied]):
-            if fuse:
-                inject.fuse(unet, [lora.name for lora in applied])
-            try:
+            if not fuse:
                 yield applied
+                return
+            inject.fuse(unet, [lora.name for lora in applied])
+            try:
+                with plain_linears(unet):  # fused: no LoRA dispatch left in the forward pass
+                    yield applied
             finally:
                 inject.unfuse(unet)
     finally:

@@ -13,7 +13,7 @@ from motiondirector import generate as generation
 from motiondirector.cli import app
 from motiondirector.commands.common import ExitCode
 from motiondirector.generate import GenerationParams, LoraChoice, composed, generate, initial_noise
-from motiondirector.lora.inject import adapter_names
+from motiondirector.lora.inject import adapter_names, lora_layers
 from motiondirector.lora.package import read_manifest, write_package
 
 FAST = ["--steps", "2", "--frames", "4", "--size", "32x32", "--device", "cpu"]
@@ -58,6 +58,7 @@ def test_each_package_is_its_own_adapter_at_its_scale(tiny_backbone, tmp_path):
     for fuse in (False, True):
         with torch.no_grad(), composed(tiny_backbone, choices, fuse=fuse) as applied:
             assert [lora.name for lora in applied] == ["motion_0", "motion_1", "appearance_0"]
+            assert bool(list(lora_layers(unet))) is not fuse  # fused: plain Linears, no LoRA dispatch
             torch.testing.assert_close(_linear_output(unet, temporal_module, x_t), expected_t, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(_linear_output(unet, spatial_module, x_s), expected_s, atol=1e-5, rtol=1e-5)
         # The backbone is handed back as it was found.

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,12 +226,21 @@ def import_kohya(file: str | Path, kind: LoraKind, backbone: BackboneSpec, out: 
 
 # --- merged export --------------------------------------------------------------------------------
 
-def _strip_lora_layers(model: nn.Module) -> None:
-    """Put each LoRA layer's base Linear back in its place (after fusing, they carry the result)."""
+@contextlib.contextmanager
+def plain_linears(model: nn.Module) -> Iterator[None]:
+    """Put each LoRA layer's base Linear in its place for the duration (after `inject.fuse` they carry
+    the result): the model is then plain diffusers modules, with no per-call LoRA dispatch."""
+    swapped = []
     for name, layer in list(inject.lora_layers(model)):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.get_base_layer())
+        swapped.append((parent, child, layer))
+    try:
+        yield
+    finally:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)
 
 
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -265,13 +276,13 @@ def export_merged(packages: list[tuple[str | Path, float]], base: str, out: str 
     names = [f"export_{i}" for i in range(len(packages))]
     inject.activate(unet, names)
     inject.fuse(unet, names)
-    _strip_lora_layers(unet)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the export is a normal model folder
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet", ".*"))
-        unet.to(_stored_dtype(source / "unet")).save_pretrained(staging / "unet", safe_serialization=True)
+        with plain_linears(unet):
+            unet.to(_stored_dtype(source / "unet")).save_pretrained(staging / "unet", safe_serialization=True)
         (staging / EXPORT_RECORD).write_text(json.dumps(
             {"base": backbone.model_id, "architecture": backbone.architecture_fingerprint, "fused": records},
             indent=2))
