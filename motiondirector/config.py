@@ -13,8 +13,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from motiondirector.data.ingested import DatasetReference
 from motiondirector.data.sources import DatasetSpec
 from motiondirector.lora.inject import LoraSettings
 from motiondirector.sample import SamplingSettings
@@ -23,9 +32,10 @@ Mode = Literal["dual_path", "dual_path_no_ad", "coupled", "spatial_only"]
 Routing = Literal["auto", "per_video", "shared", "per_clip"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
 
-# The data section. A cached-dataset reference (`dataset: "<ingest URI>#<name>"`) joins this union
-# later; the loop only ever sees the list of CacheRecords it resolves to.
-DataSection = DatasetSpec
+# The data section: a DatasetSpec, or a DatasetReference (`dataset: "<ingest URI>#<name>"`, chosen by
+# TrainConfig._dataset_reference so errors keep their `data.<key>` names and hints); the loop only
+# ever sees the list of CacheRecords it resolves to.
+DataSection = SerializeAsAny[DatasetSpec]
 
 
 class ConfigError(ValueError):
@@ -101,6 +111,13 @@ class TrainConfig(_Section):
     data: DataSection
     cache_dir: str | None = None
     engine: EngineSection = Field(default_factory=EngineSection)
+
+    @field_validator("data", mode="wrap")
+    @classmethod
+    def _dataset_reference(cls, value: Any, handler: Any) -> DatasetSpec | DatasetReference:
+        if isinstance(value, DatasetReference) or (isinstance(value, dict) and "dataset" in value):
+            return DatasetReference.model_validate(value)
+        return handler(value)
 
     @model_validator(mode="after")
     def _coupled_is_one_lora_set(self) -> TrainConfig:

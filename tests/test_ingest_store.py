@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from motiondirector.data.encode import decode_item, encode_clips
 from motiondirector.data.ingested import (
     COMMITS,
+    DatasetReference,
     DatasetState,
     IngestStore,
     build_records,
@@ -162,6 +164,8 @@ def test_positions_follow_the_dataset_and_uncommitted_files_are_invisible(tmp_pa
     assert [Path(r.video_path).name for r in read_ingested(store.uri, "gen")] == ["clip0.mp4", "clip1.mp4"]
     with pytest.raises(ValueError, match="no committed dataset 'other' \\(committed: gen\\)"):
         read_ingested(store.uri, "other")
+    with pytest.raises(ValueError, match="was encoded by .*/vae@.* but the training model's VAE is other-vae"):
+        read_ingested(store.uri, "gen", vae_id="other-vae")
 
 
 def test_memory_filesystem_commits(tiny_backbone, tmp_path):
@@ -171,3 +175,15 @@ def test_memory_filesystem_commits(tiny_backbone, tmp_path):
     commit, _ = _ingest_in_process(store, spec, tiny_backbone)
     assert store.commit_names() == [commit]
     assert len(read_ingested(store.uri, "gen")) == 1
+
+
+def test_training_config_takes_a_dataset_reference():
+    from motiondirector.config import ConfigError, validate_config
+
+    config = validate_config({"base": "x", "data": {"dataset": "s3://b/cache#bicycle", "concept": "riding"}}, "c")
+    assert config.data == DatasetReference(dataset="s3://b/cache#bicycle", concept="riding")
+    assert validate_config(yaml.safe_load(config.to_yaml()), "again").data == config.data  # run folders re-read it
+    with pytest.raises(ConfigError, match=r"data\.dataset: Value error, dataset reference 'cache': expected"):
+        validate_config({"base": "x", "data": {"dataset": "cache"}}, "c")
+    with pytest.raises(ConfigError, match=r"data\.frames: unknown key"):
+        validate_config({"base": "x", "data": {"dataset": "/c#bicycle", "frames": 4}}, "c")

@@ -572,11 +572,37 @@ def _live_rows(store: IngestStore, files: Sequence[str], wanted: set[tuple[str, 
             yield table.take(rows)
 
 
-def read_ingested(uri: str, dataset_name: str) -> list[CacheRecord]:
-    """The committed records of one dataset, in (video_index, clip_index) order. Needs pyarrow + fsspec only."""
+class DatasetReference(BaseModel):
+    """A training config's `data: {dataset: "<ingest output URI>#<name>"}`: committed latents, no VAE in the loop."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field(description="'<ingest output URI>#<dataset name>'")
+    concept: str | None = Field(None, description="Concept for package manifests; default: the committed one.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _is_a_reference(cls, value: str) -> str:
+        parse_dataset_reference(value)
+        return value
+
+    def load(self, vae_id: str | None = None) -> list[CacheRecord]:
+        records = read_ingested(*parse_dataset_reference(self.dataset), vae_id=vae_id)
+        return [dataclasses.replace(r, concept=self.concept) for r in records] if self.concept else records
+
+
+def read_ingested(uri: str, dataset_name: str, *, vae_id: str | None = None) -> list[CacheRecord]:
+    """The committed records of one dataset, in (video_index, clip_index) order. Needs pyarrow + fsspec only.
+
+    With `vae_id` (the training model's), refuses latents another VAE made. Text embeddings come from
+    the same model folder/hub id, which vae_id includes.
+    """
     store = IngestStore(uri)
     state = store.state()
     dataset = state.dataset(dataset_name)
+    if vae_id is not None and dataset.vae_id != vae_id:
+        raise ValueError(f"{uri}#{dataset_name} was encoded by {dataset.vae_id} (base {dataset.base!r}), but the "
+                         f"training model's VAE is {vae_id}: train with that base or re-ingest with --base")
     if not dataset.clips:
         raise ValueError(f"{uri}#{dataset_name}: the dataset has no clips (its last ingest rejected every file)")
     wanted = {clip.key for clip in dataset.clips}

@@ -153,8 +153,13 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 # --- records -------------------------------------------------------------------------------------
 
 def load_training_records(config: TrainConfig, backbone: BackboneSpec, progress: bool) -> list[CacheRecord]:
-    """The data section -> cache records (encoded once and cached; see docs/data.md)."""
+    """The data section -> cache records (encoded once and cached; see docs/data.md), or a `dataset:`
+    reference's committed ingest output (docs/ingest.md: no VAE in the loop)."""
     from motiondirector.data.cache import load_records
+    from motiondirector.data.ingested import DatasetReference
+
+    if isinstance(config.data, DatasetReference):
+        return config.data.load(vae_id=backbone.vae_id)
 
     return load_records(config.data, backbone, cache_dir=config.cache_dir, progress=progress)
 
