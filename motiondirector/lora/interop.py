@@ -110,7 +110,7 @@ def read_reference_loras(file: str | Path, kind: LoraKind, backbone: BackboneSpe
         raise PackageError(f"{file}: holds {count} LoRAs per module, but a temporal file holds exactly one "
                            "(is it a spatial file? use --kind spatial)")
     states: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
-    rank = tensors[0].shape[-1]  # up_0 is (out, r): every LoRA in the file must share it
+    rank = tensors[0].shape[-1] if tensors[0].ndim == 2 else 0  # up_0 is (out, r); all LoRAs share r
     for position, module in enumerate(order):
         out_features, in_features = shapes[module]
         for k in range(count):
