@@ -1,11 +1,13 @@
 """Ray Data ingestion: many datasets -> cache records in Parquet on any fsspec filesystem, committed last.
 
-Plan (per base model): list files on the driver (`list_items`) -> `from_items` -> plan, skip and
-decode in CPU tasks (`prepare_item`: PyAV, only the pixels the VAE needs) -> encode in an actor pool
-(`build_records`: one model per actor, `num_gpus=1` when the cluster has GPUs) -> a datasink that
-writes records partitioned by dataset into the run's temporary folder. The driver then renames the
-folder and writes the commit manifest (motiondirector/data/ingested.py). Orchestration only: the
-decoding, encoding, record format, fingerprints and skip rules are the library's.
+Plan (per base model): list files on the driver (`list_items`) -> `from_items` -> plan and decide
+each clip in CPU tasks (`plan_works`: header + hash, no pixels; the small result comes back so a
+re-run with nothing new starts no encoder) -> decode in CPU tasks (`decode_works`, PyAV, only the
+clips the VAE needs) streaming into an actor pool (`build_records`: one model per actor,
+`num_gpus=1` when the cluster has GPUs) -> a datasink writing records partitioned by dataset into the
+run's temporary folder. The driver then commits (IngestStore.commit_run: manifest last).
+Orchestration only: decoding, encoding, the record format, fingerprints and skip rules are the
+library's (motiondirector/data/).
 """
 
 from __future__ import annotations
