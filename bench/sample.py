@@ -11,6 +11,7 @@ docs/benchmarks.md is replaced (or appended) with the command and the numbers.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import statistics
@@ -116,6 +117,8 @@ def report(timings: dict[str, list[float]], command: str, settings: SamplingSett
         median = statistics.median(values)
         lines.append(f"| {label} | {median:.3f} | {min(values):.3f} | {max(values):.3f} | "
                      f"{(median / reference - 1) * 100:+.1f}% |")
+    # Other work on the machine widens min..max; the load says how much there was.
+    lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."]
     return "\n".join(lines) + "\n"
 
 
