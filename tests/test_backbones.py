@@ -117,3 +117,21 @@ def test_gradient_checkpointing_keeps_outputs_and_gradients(tiny_backbone):
     (grad_ckpt,) = torch.autograd.grad(out_ckpt.square().mean(), weight)
     torch.testing.assert_close(out, out_ckpt)
     torch.testing.assert_close(grad, grad_ckpt)
+
+
+def test_gradient_checkpointing_replays_the_spatial_bypass_in_backward(tiny_backbone):
+    # The recompute happens during backward, outside the bypass context: it must still bypass.
+    latents, t, text = _noisy_inputs(tiny_backbone, frames=1)
+    weight = tiny_backbone.unet.conv_out.weight
+    weight.requires_grad_(True)
+    with tiny_backbone.bypass_temporal():
+        loss = tiny_backbone.predict(latents, t, text).square().mean()
+    (grad,) = torch.autograd.grad(loss, weight)
+    tiny_backbone.enable_gradient_checkpointing()
+    with tiny_backbone.bypass_temporal():
+        loss_ckpt = tiny_backbone.predict(latents, t, text).square().mean()
+    full = tiny_backbone.predict(latents, t, text).square().mean()  # a temporal forward in between
+    (grad_ckpt,) = torch.autograd.grad(loss_ckpt, weight)
+    torch.testing.assert_close(loss, loss_ckpt)
+    torch.testing.assert_close(grad, grad_ckpt)
+    assert full.requires_grad

@@ -75,6 +75,7 @@ class UNet3DSpec(BackboneSpec):
     def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler, model_id: str):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler, self.model_id = tokenizer, scheduler, model_id
+        self._bypassed = False
         for module in self.frozen_modules():
             module.requires_grad_(False)
             module.eval()
@@ -157,29 +158,50 @@ class UNet3DSpec(BackboneSpec):
 
     @contextlib.contextmanager
     def bypass_temporal(self) -> Iterator[None]:
-        # An instance-level `forward` shadows the class method; deleting it restores the layer.
-        layers = list(self._temporal_layers())
-        for layer, identity in layers:
-            layer.forward = identity
+        with self._temporal_bypass(True):
+            yield
+
+    @contextlib.contextmanager
+    def _temporal_bypass(self, bypassed: bool) -> Iterator[None]:
+        """Set the bypass to exactly `bypassed` inside the context, restoring the previous state after."""
+        previous = self._bypassed
+        self._set_bypass(bypassed)
         try:
             yield
         finally:
-            for layer, _ in layers:
+            self._set_bypass(previous)
+
+    def _set_bypass(self, bypassed: bool) -> None:
+        if bypassed == self._bypassed:
+            return
+        # An instance-level `forward` shadows the class method; deleting it restores the layer.
+        for layer, identity in self._temporal_layers():
+            if bypassed:
+                layer.forward = identity
+            else:
                 del layer.forward
+        self._bypassed = bypassed
 
     def enable_gradient_checkpointing(self) -> None:
         # diffusers does not support checkpointing for UNet3DConditionModel: wrap each block.
         for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
             if getattr(block, "_md_checkpointed", False):
                 continue
-            block.forward = _checkpointed(block.forward)
+            block.forward = self._checkpointed(block.forward)
             block._md_checkpointed = True
 
+    def _checkpointed(self, forward):
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            # The recompute runs during backward, after the forward's bypass context has exited:
+            # replay it with the bypass state the forward saw.
+            bypassed = self._bypassed
 
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
+            def replay(*replay_args, **replay_kwargs):
+                with self._temporal_bypass(bypassed):
+                    return forward(*replay_args, **replay_kwargs)
 
-    return run
+            return checkpoint(replay, *args, use_reentrant=False, **kwargs)
+
+        return run
