@@ -187,3 +187,32 @@ def test_training_config_takes_a_dataset_reference():
         validate_config({"base": "x", "data": {"dataset": "cache"}}, "c")
     with pytest.raises(ConfigError, match=r"data\.frames: unknown key"):
         validate_config({"base": "x", "data": {"dataset": "/c#bicycle", "frames": 4}}, "c")
+
+
+def test_cli_rejects_bad_specs_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from motiondirector.cli import app
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("base: toy\ndatasets: [{sources: a.mp4, fsp: 8}]\n")
+    result = CliRunner().invoke(app, ["ingest", str(spec), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "datasets.0.fsp: Extra inputs are not permitted" in result.output
+    spec.write_text("base: toy\ndatasets: [{sources: a.mp4}]\n")
+    result = CliRunner().invoke(app, ["ingest", str(spec)])
+    assert result.exit_code == 2 and "no `output` in the spec; pass --output URI" in result.output
+    # The library and the CLI import Ray only when an ingest actually runs.
+    code = ("import sys, motiondirector.cli, motiondirector.data.ingested, motiondirector.config; "
+            "print('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_newer_commit_schema_is_refused(tmp_path):
+    commits = tmp_path / COMMITS
+    commits.mkdir()
+    (commits / "2099-x.json").write_text('{"schema_version": 99, "run_id": "x", "committed_at": "2099-01-01T00:00:00Z"}')
+    with pytest.raises(ValueError, match=r"2099-x\.json: schema_version: .*newer than this reader's \(1\)"):
+        read_ingested(str(tmp_path), "gen")

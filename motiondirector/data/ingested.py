@@ -232,6 +232,14 @@ class CommitManifest(BaseModel):
     supersedes: list[str] = Field([], description="Commit file names this (compacted) commit replaces.")
     summary: dict[str, dict[str, int]] = {}
 
+    @field_validator("schema_version")
+    @classmethod
+    def _readable(cls, version: int) -> int:
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"commit schema_version {version} is newer than this reader's ({SCHEMA_VERSION}): "
+                             "upgrade motiondirector")
+        return version
+
 
 @dataclasses.dataclass(frozen=True)
 class Reject:
