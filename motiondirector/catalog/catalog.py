@@ -104,8 +104,7 @@ class Catalog:
             "description": description if description is not None else source.description,
         })
         entry = self.store.entry(catalog_id)
-        for relative, path in files.items():
-            self.store.upload(path, f"{entry}/{relative}")
+        self.store.upload({f"{entry}/{relative}": path for relative, path in files.items()})
         self._commit(manifest)
         return manifest
 
@@ -157,7 +156,11 @@ class Catalog:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
         try:
             for relative in manifest.sha256:
-                self.store.download(f"{self.store.entry(catalog_id)}/{relative}", staging / relative)
+                source = f"{self.store.entry(catalog_id)}/{relative}"
+                try:
+                    self.store.download(source, staging / relative)
+                except FileNotFoundError:
+                    raise CorruptEntryError(f"{source}: missing (entry {catalog_id})") from None
             _check_hashes(staging, manifest)
             (staging / MANIFEST).write_bytes(manifest.model_dump_json(indent=2).encode())
             try:

@@ -115,10 +115,14 @@ class Store:
         else:
             self.fs.pipe_file(path, data)
 
-    def upload(self, local_path: Path, path: str) -> None:
+    def upload(self, files: dict[str, Path]) -> None:
+        """Copy local files to their store paths; object stores upload them concurrently."""
         if self.is_local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.fs.put_file(str(local_path), path)
+            for path, local_path in files.items():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.put_file(str(local_path), path)
+        elif files:
+            self.fs.put([str(local_path) for local_path in files.values()], list(files))
 
     def download(self, path: str, local_path: Path) -> None:
         local_path.parent.mkdir(parents=True, exist_ok=True)
