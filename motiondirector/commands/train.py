@@ -21,6 +21,8 @@ def train(
                                                                 "config's).")] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Record cache root (default: the config's, "
                                                                        "$MOTIONDIRECTOR_CACHE or ~/.cache/motiondirector).")] = None,
+    catalog: Annotated[str | None, typer.Option("--catalog", help="On success, register the run's LoRAs in "
+                                                "this catalog (fsspec URI) under one run id.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train the config's spatial and temporal LoRAs; exit 130 after checkpointing on SIGINT/SIGTERM."""
@@ -43,14 +45,28 @@ def train(
                 print_json({"out_dir": str(folder), "interrupted": True, "step": stopped.step,
                             "checkpoint": str(stopped.checkpoint)})
             raise fail(str(stopped), ExitCode.INTERRUPTED) from None
+    registered = _register(catalog, folder) if catalog is not None else []
     if as_json:
-        print_json(summary.to_json())
+        print_json({**summary.to_json(), **({"catalog_ids": registered} if catalog is not None else {})})
         return
     console.print(f"trained {summary.steps} steps in {summary.seconds:.1f} s ({summary.mode}, spatial LoRAs "
                   f"{summary.routing}); losses: "
                   + ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in summary.losses.items()),
                   highlight=False)
+    for catalog_id in registered:
+        console.print(f"registered {catalog_id} in {catalog}", highlight=False)
     print(summary.out_dir)
+
+
+def _register(uri: str, folder: Path) -> list[str]:
+    """Catalog ids of the finished run's LoRAs; a failure here keeps the trained run and says how to retry."""
+    from motiondirector.catalog import Catalog, register_run
+
+    try:
+        return [manifest.id for manifest in register_run(Catalog(uri), folder)]
+    except (OSError, ValueError) as error:
+        raise fail(f"trained {folder}, but registering it in catalog {uri} failed: {error}; retry with "
+                   f"`motiondirector catalog add {folder} --catalog {uri}`", ExitCode.FAILED) from None
 
 
 def register(app: typer.Typer) -> None:
