@@ -108,7 +108,7 @@ def test_bypass_is_restored_after_the_context(tiny_backbone):
 
 def test_gradient_checkpointing_keeps_outputs_and_gradients(tiny_backbone):
     latents, t, text = _noisy_inputs(tiny_backbone)
-    weight = tiny_backbone.unet.conv_out.weight
+    weight = tiny_backbone.unet.down_blocks[0].attentions[0].proj_in.weight  # inside a checkpointed block
     weight.requires_grad_(True)
     out = tiny_backbone.predict(latents, t, text)
     (grad,) = torch.autograd.grad(out.square().mean(), weight)
@@ -121,17 +121,23 @@ def test_gradient_checkpointing_keeps_outputs_and_gradients(tiny_backbone):
 
 def test_gradient_checkpointing_replays_the_spatial_bypass_in_backward(tiny_backbone):
     # The recompute happens during backward, outside the bypass context: it must still bypass.
+    from motiondirector.lora.inject import LoraSettings, activate, adapter_parameters, add_adapter
+
+    unet = tiny_backbone.unet
+    add_adapter(unet, "spatial", tiny_backbone.spatial_lora_targets(), LoraSettings(rank=4, dropout=0.1), seed=0)
+    activate(unet, ["spatial"])
+    unet.train()
+    params = adapter_parameters(unet, "spatial")
     latents, t, text = _noisy_inputs(tiny_backbone, frames=1)
-    weight = tiny_backbone.unet.conv_out.weight
-    weight.requires_grad_(True)
-    with tiny_backbone.bypass_temporal():
-        loss = tiny_backbone.predict(latents, t, text).square().mean()
-    (grad,) = torch.autograd.grad(loss, weight)
+
+    def spatial_gradients():
+        torch.manual_seed(0)  # the same LoRA dropout masks in both runs
+        with tiny_backbone.bypass_temporal():
+            loss = tiny_backbone.predict(latents, t, text).square().mean()
+        return torch.autograd.grad(loss, params)
+
+    plain = spatial_gradients()
     tiny_backbone.enable_gradient_checkpointing()
-    with tiny_backbone.bypass_temporal():
-        loss_ckpt = tiny_backbone.predict(latents, t, text).square().mean()
-    full = tiny_backbone.predict(latents, t, text).square().mean()  # a temporal forward in between
-    (grad_ckpt,) = torch.autograd.grad(loss_ckpt, weight)
-    torch.testing.assert_close(loss, loss_ckpt)
-    torch.testing.assert_close(grad, grad_ckpt)
-    assert full.requires_grad
+    checkpointed = spatial_gradients()
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b)
