@@ -2,8 +2,10 @@
 
 A probe reads decoded frames only: background colour (median of the border pixels), object colour
 (median of the pixels far from the background), a soft object mask (each pixel's share of the way
-from the background colour to the object colour), and from it per-frame centroid, area and shape
-(area over the soft bounding box: square 1, circle pi/4, triangle 1/2).
+from the background colour to the object colour), and from it per-frame centroid, area and shape.
+Shape comes from normalised central moments of the mask, which survive the autoencoder's blur
+(fill ratios do not): the up-pointing triangle has its mass low (vertical skewness about -0.57),
+and a square's x and y are independent (mu22 / (mu20 mu02) = 1, disk 2/3), blurred or not.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from motiondirector.toyworld.render import BACKGROUNDS, OBJECT_COLOURS, SHAPE_FILL, Scene
+from motiondirector.toyworld.render import BACKGROUNDS, OBJECT_COLOURS, Scene
 
 NONE = "none"  # no object found
 ATTRIBUTES = ("colour", "shape", "background")
@@ -22,6 +24,12 @@ SIGNALS = ("x", "y", "area")
 _CORE_DISTANCE = 0.3
 # Soft-mask weights below this are treated as background noise.
 _MIN_WEIGHT = 0.15
+# Shape moments use a stricter mask, windowed around the object, so stray pixels do not dominate them.
+_SHAPE_WEIGHT = 0.3
+_SHAPE_WINDOW_SIGMAS = 2.2
+# Decision thresholds, halfway between the shapes' values on autoencoder reconstructions.
+_TRIANGLE_SKEW = -0.2
+_SQUARE_CROSS = 0.785
 # A frame needs at least this share of the image covered to count as showing the object.
 _MIN_AREA = 0.004
 
@@ -32,7 +40,8 @@ class Probe:
     shape: str
     background: str
     trajectory: np.ndarray  # (F, 3): centroid x, y in [0, 1] and area share; NaN where no object
-    fill: float  # median area / soft-bounding-box ratio over frames (the shape feature)
+    skewness: float  # median vertical skewness of the object mask over frames (triangle < 0)
+    cross_moment: float  # median mu22 / (mu20 mu02) over frames (square ~1, circle ~2/3)
 
     def attribute(self, name: str) -> str:
         return getattr(self, name)
@@ -59,27 +68,55 @@ def probe(frames) -> Probe:
     core = distance > _CORE_DISTANCE
     trajectory = np.full((n_frames, 3), np.nan)
     if not core.any():
-        return Probe(NONE, NONE, _nearest(background, BACKGROUNDS), trajectory, float("nan"))
+        return Probe(NONE, NONE, _nearest(background, BACKGROUNDS), trajectory, float("nan"), float("nan"))
     colour = np.median(video[core], axis=0)
     direction = colour - background
     weight = np.clip((video - background) @ direction / float(direction @ direction), 0.0, 1.0)
     weight[weight < _MIN_WEIGHT] = 0.0
     xs, ys = (np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height
-    fills = []
+    moments = []
     for f in range(n_frames):
         mass = weight[f].sum()
         if mass / (height * width) < _MIN_AREA:
             continue
         trajectory[f] = ((weight[f].sum(axis=0) @ xs) / mass, (weight[f].sum(axis=1) @ ys) / mass,
                          mass / (height * width))
-        # Soft extents: anti-aliased edge columns/rows count by their coverage.
-        soft_width, soft_height = weight[f].max(axis=0).sum(), weight[f].max(axis=1).sum()
-        fills.append(mass / (soft_width * soft_height))
-    if not fills:
-        return Probe(NONE, NONE, _nearest(background, BACKGROUNDS), trajectory, float("nan"))
-    fill = float(np.median(fills))
-    shape = min(SHAPE_FILL, key=lambda name: abs(SHAPE_FILL[name] - fill))
-    return Probe(_nearest(colour, OBJECT_COLOURS), shape, _nearest(background, BACKGROUNDS), trajectory, fill)
+        moments.append(_shape_moments(np.where(weight[f] >= _SHAPE_WEIGHT, weight[f], 0.0)))
+    moments = [m for m in moments if m is not None]
+    if not moments:
+        return Probe(NONE, NONE, _nearest(background, BACKGROUNDS), trajectory, float("nan"), float("nan"))
+    skewness, cross = (float(v) for v in np.median(np.array(moments), axis=0))
+    shape = "triangle" if skewness < _TRIANGLE_SKEW else "square" if cross > _SQUARE_CROSS else "circle"
+    return Probe(_nearest(colour, OBJECT_COLOURS), shape, _nearest(background, BACKGROUNDS), trajectory,
+                 skewness, cross)
+
+
+def _shape_moments(mask: np.ndarray) -> tuple[float, float] | None:
+    """(vertical skewness, mu22 / (mu20 mu02)) of a weighted mask, windowed around its centre."""
+    rows, columns = np.mgrid[0:mask.shape[0], 0:mask.shape[1]] + 0.5
+
+    def centred(weights: np.ndarray):
+        mass = weights.sum()
+        if mass < 1.0:
+            return None
+        dx = columns - (weights * columns).sum() / mass
+        dy = rows - (weights * rows).sum() / mass
+        mu20, mu02 = (weights * dx * dx).sum() / mass, (weights * dy * dy).sum() / mass
+        return None if min(mu20, mu02) <= 1e-6 else (mass, dx, dy, mu20, mu02)
+
+    for _ in range(2):  # shrink the window onto the object twice, then measure
+        stats = centred(mask)
+        if stats is None:
+            return None
+        _, dx, dy, mu20, mu02 = stats
+        mask = mask * ((np.abs(dx) <= _SHAPE_WINDOW_SIGMAS * np.sqrt(mu20) + 1)
+                       & (np.abs(dy) <= _SHAPE_WINDOW_SIGMAS * np.sqrt(mu02) + 1))
+    stats = centred(mask)
+    if stats is None:
+        return None
+    mass, dx, dy, mu20, mu02 = stats
+    skewness = (mask * dy ** 3).sum() / mass / mu02 ** 1.5
+    return float(skewness), float((mask * dx * dx * dy * dy).sum() / mass / (mu20 * mu02))
 
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -26,9 +26,7 @@ BACKGROUNDS: dict[str, tuple[float, float, float]] = {
     "black": (0.04, 0.04, 0.04),
     "white": (0.96, 0.96, 0.96),
 }
-# Share of the bounding box each shape fills (the shape probe's feature).
-SHAPE_FILL: dict[str, float] = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}
-SHAPES = tuple(SHAPE_FILL)
+SHAPES = ("square", "circle", "triangle")
 
 # Motion name -> the words of the caption that describe it.
 MOTION_PHRASES: dict[str, str] = {
