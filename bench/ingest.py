@@ -124,11 +124,11 @@ def report(command: str, args: argparse.Namespace, loops: dict[int, dict[str, fl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=64)
-    parser.add_argument("--source-size", type=int, default=512)
+    parser.add_argument("--source-size", type=int, default=384)
     parser.add_argument("--source-frames", type=int, default=48)
     parser.add_argument("--source-fps", type=int, default=24)
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=48)
+    parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--base", help="model folder (default: a random-init tiny model)")
