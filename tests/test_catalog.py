@@ -156,6 +156,14 @@ def test_remove_uncommits_then_deletes(tmp_path):
     with pytest.raises(UnknownEntryError):
         catalog.get(gone.id)
 
+    # A local removal renames the folder away in one step; if deleting it is then cut short, the
+    # leftover is invisible at once and `gc` deletes it.
+    entries = Path(catalog.store.entries_dir)
+    (entries / keep.id).rename(entries / f".removed-{keep.id}-0000")
+    assert catalog.query() == [] and catalog.query(fresh=False) != []
+    assert catalog.gc(grace_seconds=3600).removed_entries == [f".removed-{keep.id}-0000"]
+    assert list(entries.iterdir()) == []
+
 
 # ---- queries and the index -------------------------------------------------------------------------
 

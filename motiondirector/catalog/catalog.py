@@ -51,6 +51,17 @@ class ReindexReport:
     written: bool  # False when the previous index was already exact
 
 
+@dataclass(frozen=True)
+class LoadedIndex:
+    file: str | None  # None: no index written yet
+    table: pa.Table
+    ids: frozenset[str]
+
+    @classmethod
+    def of(cls, file: str | None, table: pa.Table) -> LoadedIndex:
+        return cls(file, table, frozenset(table["id"].to_pylist()))
+
+
 class Catalog:
     def __init__(self, uri: str | os.PathLike | None = None, *,
                  resolve_cache: str | os.PathLike | None = None):
@@ -58,7 +69,7 @@ class Catalog:
         self.store = Store(self.uri)
         # Where `resolve` puts local copies of entries of a remote catalog; default <cache root>/resolved.
         self._resolve_cache = resolve_cache
-        self._loaded_index: tuple[str, pa.Table] | None = None  # (index file, table) last read
+        self._loaded_index: LoadedIndex | None = None  # the snapshot last read, while the pointer names it
 
     def __repr__(self) -> str:
         return f"Catalog({self.uri!r})"
@@ -118,10 +129,9 @@ class Catalog:
         self.store.write_atomic(self.store.manifest(manifest.id), manifest.model_dump_json(indent=2).encode())
 
     def remove(self, catalog_id: str) -> None:
-        """Uncommit first (delete the manifest), then delete the files: never a half-visible entry."""
+        """Uncommit first, then delete the files: never a half-visible entry."""
         self._manifest_bytes(catalog_id)  # unknown id -> UnknownEntryError; S3 deletes silently
-        self.store.remove_file(self.store.manifest(catalog_id))
-        self.store.remove_tree(self.store.entry(catalog_id))
+        self.store.remove_entry(catalog_id)
 
     # ---- reading one entry ---------------------------------------------------------------------
 
@@ -225,18 +235,17 @@ class Catalog:
 
         `full` rebuilds from the manifests alone (e.g. after editing a manifest by hand).
         """
-        current, previous = (None, index.empty_table()) if full else self._read_index()
-        committed = self.committed_ids()
-        before = set(previous["id"].to_pylist())
+        previous = LoadedIndex.of(None, index.empty_table()) if full else self._read_index()
+        committed = self.committed_ids()  # exact: every manifest checked, nothing assumed
         table = self._merge(previous, committed)
-        added, dropped = len(committed - before), len(before - committed)
-        if current is not None and not added and not dropped:
-            return ReindexReport(current, table.num_rows, 0, 0, written=False)
+        added, dropped = len(committed - previous.ids), len(previous.ids - committed)
+        if previous.file is not None and not added and not dropped:
+            return ReindexReport(previous.file, table.num_rows, 0, 0, written=False)
         name = f"{new_id()}.parquet"
         # Snapshot first, pointer second: the pointer never names a file that is not all there.
         self.store.write_atomic(f"{self.store.index_dir}/{name}", index.to_parquet(table))
         self.store.write_atomic(self.store.pointer, index.pointer_bytes(name, table.num_rows))
-        self._loaded_index = (name, table)
+        self._loaded_index = LoadedIndex.of(name, table)
         return ReindexReport(name, table.num_rows, added, dropped, written=True)
 
     def current_index_file(self) -> str | None:
@@ -245,13 +254,13 @@ class Catalog:
         except FileNotFoundError:
             return None
 
-    def _read_index(self) -> tuple[str | None, pa.Table]:
-        """(file, snapshot) the pointer names (cached while the pointer does not move), or (None, empty)."""
+    def _read_index(self) -> LoadedIndex:
+        """The snapshot the pointer names (cached while the pointer does not move), or an empty one."""
         for _ in range(2):  # the snapshot may be replaced and collected between the two reads
             target = self.current_index_file()
             if target is None:
                 break
-            if self._loaded_index and self._loaded_index[0] == target:
+            if self._loaded_index is not None and self._loaded_index.file == target:
                 return self._loaded_index
             try:
                 data = self.store.read_bytes(f"{self.store.index_dir}/{target}")
@@ -260,24 +269,28 @@ class Catalog:
             table = index.from_parquet(data)
             if table is None:
                 break
-            self._loaded_index = (target, table)
+            self._loaded_index = LoadedIndex.of(target, table)
             return self._loaded_index
-        return None, index.empty_table()
+        return LoadedIndex.of(None, index.empty_table())
 
     def committed_ids(self) -> set[str]:
         return {catalog_id for catalog_id, committed in self.store.entry_ids().items() if committed}
 
     def _snapshot(self, fresh: bool) -> pa.Table:
         """One row per committed entry (rejected manifests included, with their error)."""
-        _, table = self._read_index()
-        return self._merge(table, self.committed_ids()) if fresh else table
+        loaded = self._read_index()
+        if not fresh:
+            return loaded.table
+        listing = self.store.entry_ids(known_committed=loaded.ids)
+        return self._merge(loaded, {catalog_id for catalog_id, committed in listing.items() if committed})
 
-    def _merge(self, table: pa.Table, committed: set[str]) -> pa.Table:
-        """`table` minus entries no longer committed, plus committed entries it lacks."""
-        indexed = set(table["id"].to_pylist())
-        kept = table.filter(pc.is_in(table["id"], value_set=pa.array(sorted(committed), pa.string())))
-        new = self._rows(sorted(committed - indexed))
-        return pa.concat_tables([kept, new]) if new.num_rows else kept
+    def _merge(self, loaded: LoadedIndex, committed: set[str]) -> pa.Table:
+        """The snapshot minus entries no longer committed, plus committed entries it lacks."""
+        table = loaded.table
+        if not loaded.ids <= committed:
+            table = table.filter(pc.is_in(table["id"], value_set=pa.array(sorted(committed), pa.string())))
+        unindexed = committed - loaded.ids
+        return pa.concat_tables([table, self._rows(sorted(unindexed))]) if unindexed else table
 
     def _rows(self, catalog_ids: list[str]) -> pa.Table:
         paths = {self.store.manifest(catalog_id): catalog_id for catalog_id in catalog_ids}

@@ -92,7 +92,7 @@ def _index_problems(catalog: Catalog) -> list[Problem]:
 
 @dataclass(frozen=True)
 class GcReport:
-    removed_entries: list[str]  # uncommitted entry folders (removed, or to remove with dry_run)
+    removed_entries: list[str]  # uncommitted entry folders and cut-short local removals (or, dry_run: to remove)
     removed_index_files: list[str]  # superseded index snapshots and stray temp files
     pending: list[str]  # uncommitted entries younger than the grace period: a writer may be busy
 
@@ -123,6 +123,11 @@ def collect_garbage(catalog: Catalog, grace_seconds: float, *, dry_run: bool = F
         if not dry_run:
             store.remove_tree(entry)
         removed.append(catalog_id)
+
+    for leftover in store.removal_leftovers():  # removed entries whose deletion was cut short
+        if not dry_run:
+            store.remove_tree(leftover)
+        removed.append(leftover.rsplit("/", 1)[-1])
 
     current = catalog.current_index_file()
     stale = []

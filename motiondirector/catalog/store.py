@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
+import shutil
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +30,7 @@ from motiondirector.lora.package import MANIFEST, atomic_write_bytes
 ENTRIES = "loras"
 INDEX = "index"
 POINTER = "CURRENT.json"
+TRASH_PREFIX = ".removed-"  # local removals rename an entry to this (not an id: invisible at once)
 
 
 class Store:
@@ -62,15 +65,23 @@ class Store:
         # Other processes write concurrently: a cached listing (s3fs keeps one) would hide their entries.
         self.fs.invalidate_cache()
 
-    def entry_ids(self) -> dict[str, bool]:
-        """Every entry folder named by a valid id -> whether it is committed (holds a manifest)."""
+    def entry_ids(self, known_committed: frozenset[str] = frozenset()) -> dict[str, bool]:
+        """Every entry folder named by a valid id -> whether it is committed (holds a manifest).
+
+        On a local disk, folders in `known_committed` (e.g. indexed ids) count as committed without a
+        stat each: a committed entry loses its manifest only by `remove_entry`, which renames the
+        whole folder away in one step. Object stores list every object in one go anyway.
+        """
         if self.is_local:
             try:
-                folders = [item for item in os.scandir(self.entries_dir) if item.is_dir()]
+                names = os.listdir(self.entries_dir)
             except FileNotFoundError:
                 return {}
-            return {item.name: os.path.exists(os.path.join(item.path, MANIFEST))
-                    for item in folders if is_catalog_id(item.name)}
+            found = {name: True for name in names if name in known_committed}
+            for name in names:
+                if name not in found and is_catalog_id(name):
+                    found[name] = os.path.exists(f"{self.entries_dir}/{name}/{MANIFEST}")
+            return found
         self._forget_listings()
         found: dict[str, bool] = {}
         prefix = self.entries_dir + "/"
@@ -137,6 +148,22 @@ class Store:
 
     def remove_file(self, path: str) -> None:
         self.fs.rm_file(path)
+
+    def remove_entry(self, catalog_id: str) -> None:
+        """Uncommit in one step, then delete: a crash part-way leaves nothing that looks committed."""
+        if self.is_local:
+            trash = f"{self.entries_dir}/{TRASH_PREFIX}{catalog_id}-{secrets.token_hex(4)}"
+            os.rename(self.entry(catalog_id), trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:  # no rename: the manifest goes first, the files after
+            self.remove_file(self.manifest(catalog_id))
+            self.remove_tree(self.entry(catalog_id))
+
+    def removal_leftovers(self) -> list[str]:
+        """Folders of local removals that crashed before deleting them (never visible as entries)."""
+        if not self.is_local or not os.path.isdir(self.entries_dir):
+            return []
+        return sorted(item.path for item in os.scandir(self.entries_dir) if item.name.startswith(TRASH_PREFIX))
 
     def remove_tree(self, path: str) -> None:
         try:
