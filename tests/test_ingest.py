@@ -181,3 +181,11 @@ def test_training_consumes_the_ingest_output_without_the_vae(first_run, tiny_mod
     ingested = read_ingested(str(output), "bicycle")
     manifest = read_manifest(summary.packages["temporal"])
     assert sorted(manifest.data_fingerprints) == sorted(r.latent_fingerprint for r in ingested)
+
+
+def test_unavailable_base_model_exits_3(first_run, tmp_path):
+    spec, _, _ = first_run
+    result = CliRunner().invoke(app, ["ingest", str(spec), "--output", str(tmp_path / "out"),
+                                      "--base", str(tmp_path / "no-model")])
+    assert result.exit_code == 3 and "no-model" in result.output
+    assert not (tmp_path / "out" / "commits").exists()
