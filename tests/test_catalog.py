@@ -447,3 +447,21 @@ def test_the_cli_registers_the_catalog_commands():
 
     result = CliRunner().invoke(app, ["catalog", "--help"])
     assert result.exit_code == 0 and "reindex" in result.output
+
+
+def test_any_fsspec_store_works_the_same_way_memory(tmp_path):
+    import uuid
+
+    catalog = Catalog(f"memory://catalog-{uuid.uuid4().hex}", resolve_cache=tmp_path / "resolved")
+    first = catalog.add(make_package(tmp_path / "a", 1), tags=["x"])
+    second = catalog.add(make_package(tmp_path / "b", 2, concept="bike"))
+    assert catalog.reindex().rows == 2
+    assert ids_of(catalog.query(text="bike")) == [second.id] and ids_of(catalog.query(tags=["x"])) == [first.id]
+    folder = catalog.resolve(first.id)
+    assert folder.is_relative_to(tmp_path / "resolved") and read_package(folder)[0] == first
+    catalog.remove(second.id)
+    assert ids_of(catalog.query()) == [first.id] and catalog.verify().ok
+    orphan = new_id()
+    catalog.store.write_atomic(f"{catalog.store.entry(orphan)}/{ADAPTER_WEIGHTS}", b"partial")
+    assert catalog.gc(grace_seconds=0).removed_entries == [orphan]
+    assert catalog.store.entry_ids() == {first.id: True}

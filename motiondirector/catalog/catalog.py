@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,6 +24,9 @@ from motiondirector.catalog.entry import CorruptEntryError, UnknownEntryError, c
 from motiondirector.catalog.ids import new_id, validate_id
 from motiondirector.catalog.store import Store
 from motiondirector.lora.package import MANIFEST, Manifest, PackageError, read_package, sha256_file
+
+if TYPE_CHECKING:
+    from motiondirector.catalog.maintenance import GcReport, VerifyReport
 
 ROOT_VARIABLE = "MOTIONDIRECTOR_CATALOG"
 DEFAULT_ROOT = "~/.cache/motiondirector/catalog"
@@ -308,13 +311,13 @@ class Catalog:
 
     # ---- maintenance ---------------------------------------------------------------------------
 
-    def verify(self, progress: Callable[[int, int], None] | None = None):
-        """Re-hash every committed entry; see maintenance.VerifyReport."""
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """Re-hash every file of every committed entry; `progress(done, total)` after each entry."""
         from motiondirector.catalog.maintenance import verify
 
         return verify(self, progress)
 
-    def gc(self, grace_seconds: float = 3600.0, *, dry_run: bool = False):
+    def gc(self, grace_seconds: float = 3600.0, *, dry_run: bool = False) -> GcReport:
         """Remove uncommitted folders and stale index files older than the grace period."""
         from motiondirector.catalog.maintenance import collect_garbage
 

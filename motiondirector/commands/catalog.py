@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -219,7 +220,7 @@ def reindex(uri: CatalogOption = None,
     with _catalog_errors():
         report = _open(uri).reindex(full=full)
     if as_json:
-        print_json(report.__dict__)
+        print_json(asdict(report))
     else:
         state = "written" if report.written else "already up to date"
         console.print(f"index {report.index_file} {state}: {report.rows} entries "
@@ -239,7 +240,7 @@ def verify(uri: CatalogOption = None, as_json: JsonOption = False) -> None:
             report = catalog.verify(lambda done, total: progress.update(task, completed=done, total=total))
     if as_json:
         print_json({"catalog": catalog.uri, "ok": report.ok, "entries": report.entries, "files": report.files,
-                    "problems": [problem.__dict__ for problem in report.problems]})
+                    "problems": [asdict(problem) for problem in report.problems]})
     else:
         console.print(f"checked {report.entries} entries, {report.files} files", highlight=False)
         if report.problems:
@@ -263,7 +264,7 @@ def gc(uri: CatalogOption = None,
     with _catalog_errors():
         report = _open(uri).gc(grace, dry_run=dry_run)
     if as_json:
-        print_json({**report.__dict__, "dry_run": dry_run})
+        print_json({**asdict(report), "dry_run": dry_run})
         return
     verb = "would remove" if dry_run else "removed"
     console.print(f"{verb} {len(report.removed_entries)} uncommitted entries, "
