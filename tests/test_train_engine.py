@@ -19,20 +19,20 @@ from motiondirector.train.synthetic import synthetic_records
 
 def test_loss_scaler_skips_overflowing_steps_and_adapts_its_scale():
     scaler = LossScaler(True, initial=8.0, growth_interval=2)
-    assert [g.tolist() for g in scaler.unscale([torch.tensor([8.0, 16.0])])] == [[1.0, 2.0]]
-    assert scaler.unscale([torch.ones(1)]) is not None and scaler.scale == 16.0  # two good steps: grow
-    assert scaler.unscale([torch.tensor([float("inf"), 1.0])]) is None and scaler.scale == 8.0
+    assert scaler.unscale({"a": [torch.tensor([8.0, 16.0])]})["a"][0].tolist() == [1.0, 2.0]
+    assert scaler.unscale({"a": [torch.ones(1)]}) is not None and scaler.scale == 16.0  # two good steps: grow
+    assert scaler.unscale({"a": [torch.ones(1)], "b": [torch.tensor([float("inf")])]}) is None and scaler.scale == 8.0
     disabled = LossScaler(False)
-    assert disabled.scale == 1.0 and disabled.unscale([torch.tensor([float("inf")])]) is not None
+    assert disabled.scale == 1.0 and disabled.unscale({"a": [torch.tensor([float("inf")])]}) is not None
 
 
 def test_an_overflowing_fp16_step_moves_nothing():
     weight = nn.Parameter(torch.ones(3))
     engine = TorchEngine()
     engine.prepare({"temporal": {"temporal": [weight]}}, OptimizerSection(weight_decay=0.1), fp16_loss_scaling=True)
-    assert engine.apply({"temporal": (weight * float("inf")).sum()}) == []
+    assert engine.step({"temporal": [torch.full((3,), float("inf"))]}) == []
     assert torch.equal(weight.detach(), torch.ones(3)) and engine.scaler.scale == 2.0 ** 15
-    assert engine.apply({"temporal": weight.sum()}) == ["temporal"]
+    assert engine.step({"temporal": [torch.full((3,), engine.scaler.scale)]}) == ["temporal"]
     assert not torch.equal(weight.detach(), torch.ones(3))
 
 

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from motiondirector.config import TrainConfig, apply_overrides, validate_config
 from motiondirector.lora.inject import Router, adapter_parameters
 from motiondirector.lora.package import read_package
-from motiondirector.train.engine import LossScaler, adapter_gradients
+from motiondirector.losses import spatial_loss, temporal_loss
+from motiondirector.train.engine import flat_groups
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.loop import TrainingInterrupted, train
 from motiondirector.train.plan import installed_adapters, plan_adapters
-from motiondirector.train.step import clip_tensors, draw_step, step_losses
+from motiondirector.train.step import clip_tensors, draw_step, step_gradients
 from motiondirector.train.synthetic import synthetic_records
 
 BASE = {"base": "tiny", "device": "cpu", "steps": 3, "lora": {"rank": 4}, "data": {"sources": "synthetic.mp4"},
@@ -52,39 +53,58 @@ def metrics(out) -> list[dict]:
 
 
 def test_each_path_gets_gradients_from_its_own_loss_only(tiny_backbone):
-    config = make_config("lora.dropout=0")  # two identical forwards below
+    config = make_config("lora.dropout=0")  # the passes below must repeat the step's exactly
     records = synthetic_records(tiny_backbone, videos=2)
     plan = plan_adapters(config, records, tiny_backbone)
     unet = tiny_backbone.unet
     with installed_adapters(unet, plan, config.lora.settings, seed=0):
-        groups = {a.name: adapter_parameters(unet, a.name) for a in plan.adapters}
+        router, groups = Router(unet), flat_groups(plan.parameter_paths(unet))
         with torch.no_grad():  # up = 0 at init would zero every gradient of the down matrices
             for params in groups.values():
                 for up in params[1::2]:
                     up.normal_(0.0, 0.1)
-        clips = [clip_tensors(r, tiny_backbone.device) for r in records]
         draw = draw_step(torch.Generator().manual_seed(0), [(1, *r.latent_mean.shape) for r in records], 1000, 0.0)
-        spatial = plan.spatial_for(draw.record)
+        clip, spatial = clip_tensors(records[draw.record], tiny_backbone.device), plan.spatial_for(draw.record)
+        result = step_gradients(tiny_backbone, plan, router, groups, "dual_path", clip, draw, ad_beta=1.0,
+                                loss_scale=1.0, autocast=contextlib.nullcontext)
+        assert set(result.grads) == {spatial, "temporal"}  # the other video's spatial LoRA gets nothing
 
-        def forward():
-            return step_losses(tiny_backbone, plan, Router(unet), "dual_path", clips[draw.record], draw,
-                               ad_beta=1.0, autocast=contextlib.nullcontext)
+        # The same two passes by hand, each loss differentiated with respect to both LoRAs.
+        latents = (clip.mean + clip.std * draw.latent_noise) * tiny_backbone.latent_scaling_factor
+        timesteps = torch.tensor([draw.timestep])
+        noisy = tiny_backbone.scheduler.add_noise(latents, draw.noise, timesteps)
+        frame = slice(draw.frame, draw.frame + 1)
+        with router.active([spatial]), tiny_backbone.bypass_temporal():
+            loss_spatial = spatial_loss(tiny_backbone.predict(noisy[:, :, frame], timesteps, clip.text),
+                                        draw.noise[:, :, frame])
+            spatial_on_spatial = torch.autograd.grad(loss_spatial, groups[spatial], retain_graph=True)
+            spatial_on_temporal = torch.autograd.grad(loss_spatial, groups["temporal"], allow_unused=True)
+        with router.active(["temporal", spatial]):
+            loss_temporal = temporal_loss(tiny_backbone.predict(noisy, timesteps, clip.text), draw.noise, draw.anchor)
+            temporal_on_temporal = torch.autograd.grad(loss_temporal, groups["temporal"], retain_graph=True)
+            temporal_on_spatial = torch.autograd.grad(loss_temporal, groups[spatial])
 
-        routed = adapter_gradients(forward().by_adapter, groups, LossScaler(False))
-        assert set(routed) == {spatial, "temporal"}  # the other video's spatial LoRA gets nothing
-
-        fresh = forward()
-        own_spatial = torch.autograd.grad(fresh.spatial, groups[spatial], retain_graph=True)
-        own_temporal = torch.autograd.grad(fresh.temporal, groups["temporal"], retain_graph=True)
-        temporal_on_spatial = torch.autograd.grad(fresh.temporal, groups[spatial], retain_graph=True)
-        spatial_on_temporal = torch.autograd.grad(fresh.spatial, groups["temporal"], allow_unused=True)
-
-    assert all(torch.equal(a, b) for a, b in zip(routed[spatial], own_spatial, strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(routed["temporal"], own_temporal, strict=True))
+    assert result.losses["loss_spatial"] == float(loss_spatial.detach())
+    assert result.losses["loss_temporal"] == float(loss_temporal.detach())
+    assert all(torch.equal(a, b) for a, b in zip(result.grads[spatial], spatial_on_spatial, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(result.grads["temporal"], temporal_on_temporal, strict=True))
     # The temporal loss does reach the spatial LoRA (active at scale 1): leaving it out is a real choice.
     assert sum(float(g.abs().sum()) for g in temporal_on_spatial) > 0
     # The spatial path bypasses every temporal layer: the temporal LoRA is not in its graph.
     assert all(g is None or not g.any() for g in spatial_on_temporal)
+
+
+def test_gradient_checkpointing_gives_the_same_loras(tiny_backbone, tmp_path):
+    """Recomputation must see each path's routing and bypass (tolerance: 1e-6 absolute, in practice exact)."""
+    records = synthetic_records(tiny_backbone, videos=2)
+    train(make_config(), tmp_path / "plain", backbone=tiny_backbone, records=records, progress=False)
+    train(make_config("gradient_checkpointing=true"), tmp_path / "checkpointed", backbone=tiny_backbone,
+          records=records, progress=False)
+    plain, checkpointed = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        for key, tensor in plain[name].items():
+            torch.testing.assert_close(checkpointed[name][key], tensor, rtol=0, atol=1e-6)
 
 
 def test_a_lora_without_a_loss_this_step_does_not_move(tiny_backbone, tmp_path):

@@ -1,19 +1,18 @@
-"""Backward + optimizer step behind a small interface, so the same loop runs on plain torch or DeepSpeed.
+"""Optimizer steps behind a small interface, so the same loop runs on plain torch or DeepSpeed.
 
-The loop hands an engine one loss per LoRA adapter (`{"spatial_2": loss_s, "temporal": loss_t}`).
-Every engine keeps the two rules of the dual-path step (method.md):
-
-1. All gradients are computed before any weight changes (`adapter_gradients`): the reference code
-   steps the spatial optimizer in place before the temporal backward, which fails in fp32.
-2. Each adapter gets gradients from its own loss only, and an adapter with no loss this step is
-   not stepped at all: no momentum, no weight decay, no step count.
+The loop computes every adapter's gradient from that adapter's own loss (train/step.py: each path's
+backward runs inside its own routing context, which gradient checkpointing's recomputation needs)
+and hands the engine `{"spatial_2": grads, "temporal": grads}`. Only then does any weight change:
+the reference code steps the spatial optimizer in place before the temporal backward, which fails
+in fp32 (method.md). An adapter without gradients this step is not stepped at all: no momentum, no
+weight decay, no step count.
 
 `TorchEngine`: one AdamW per path (spatial, temporal), one param group per adapter; torch's AdamW
-skips parameters whose `.grad` is None, which is rule 2.
+skips parameters whose `.grad` is None.
 `DeepSpeedEngine`: one DeepSpeed engine per adapter (ZeRO partitions flat buffers, where a missing
 gradient would read as zero and still move momentum and weight decay); each wraps a parameter-only
-module, receives the precomputed gradients through a surrogate loss Σ⟨p, g⟩ (whose gradient is
-exactly g) and is stepped only when its adapter had a loss. See docs/training.md.
+module, receives the gradients through a surrogate loss Σ⟨p, g⟩ (whose gradient is exactly g) and
+is stepped only when its adapter has gradients. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ from motiondirector.config import EngineSection, OptimizerSection
 
 # {path: {adapter: parameters}}, e.g. {"spatial": {"spatial_0": [...]}, "temporal": {"temporal": [...]}}
 ParameterPaths = dict[str, dict[str, list[nn.Parameter]]]
+# {adapter: gradients of its parameters, in adapter_parameters order}
+AdapterGradients = dict[str, list[torch.Tensor]]
 
 
 class LossScaler:
@@ -40,18 +41,18 @@ class LossScaler:
         self.growth_interval = growth_interval
         self.good_steps = 0
 
-    def unscale(self, grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """`grads` divided by the scale, or None (and a smaller scale) if any is inf/nan."""
+    def unscale(self, grads: AdapterGradients) -> AdapterGradients | None:
+        """`grads` divided by the scale, or None (and a smaller scale) if any is inf/nan: skip the step."""
         if not self.enabled:
             return grads
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
+        if not all(bool(torch.isfinite(g).all()) for gs in grads.values() for g in gs):
             self.scale /= 2.0
             self.good_steps = 0
             return None
         self.good_steps += 1
         if self.good_steps % self.growth_interval == 0:
             self.scale *= 2.0
-        return [g / self.scale for g in grads]
+        return {name: [g / self.scale for g in gs] for name, gs in grads.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "good_steps": self.good_steps}
@@ -60,41 +61,16 @@ class LossScaler:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
-def adapter_gradients(losses: dict[str, torch.Tensor | None], groups: dict[str, list[nn.Parameter]],
-                      scaler: LossScaler) -> dict[str, list[torch.Tensor]]:
-    """Gradients of each adapter's parameters from that adapter's loss only, all before any update.
-
-    Adapters sharing one loss tensor (coupled mode) are differentiated in one pass. Returns {} when
-    the fp16 loss scale overflowed (nothing may step then).
-    """
-    by_loss: dict[int, tuple[torch.Tensor, list[str]]] = {}
-    for name, loss in losses.items():
-        if loss is not None:
-            by_loss.setdefault(id(loss), (loss, []))[1].append(name)
-    names_in_order: list[str] = []
-    scaled: list[torch.Tensor] = []
-    for loss, names in by_loss.values():
-        params = [p for name in names for p in groups[name]]
-        # The spatial and temporal losses come from separate forward passes: no retained graph needed.
-        scaled += torch.autograd.grad(loss * scaler.scale, params)
-        names_in_order += names
-    grads = scaler.unscale(scaled)
-    if grads is None:
-        return {}
-    result: dict[str, list[torch.Tensor]] = {}
-    for name in names_in_order:
-        count = len(groups[name])
-        result[name], grads = grads[:count], grads[count:]
-    return result
-
-
 class Engine(Protocol):
-    """What the loop needs: set up optimizers for the adapters, apply per-adapter losses, (re)store state."""
+    """What the loop needs: optimizers for the adapters, a loss scale, a step, (re)stored state."""
+
+    scaler: LossScaler  # losses are multiplied by scaler.scale before differentiation
 
     def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool) -> None: ...
 
-    def apply(self, losses: dict[str, torch.Tensor | None]) -> list[str]:
-        """Compute every adapter's gradient from its own loss, then step those adapters; returns their names."""
+    def step(self, grads: AdapterGradients) -> list[str]:
+        """Update exactly the adapters in `grads` (scaled gradients of their own losses); returns the
+        names updated (none when the fp16 loss scale overflowed)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -102,7 +78,7 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def _flat_groups(paths: ParameterPaths) -> dict[str, list[nn.Parameter]]:
+def flat_groups(paths: ParameterPaths) -> dict[str, list[nn.Parameter]]:
     return {adapter: params for adapters in paths.values() for adapter, params in adapters.items()}
 
 
@@ -116,7 +92,7 @@ class TorchEngine:
         self.scaler = LossScaler(False)
 
     def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool) -> None:
-        self.groups = _flat_groups(paths)
+        self.groups = flat_groups(paths)
         self.path_of = {adapter: path for path, adapters in paths.items() for adapter in adapters}
         self.scaler = LossScaler(fp16_loss_scaling)
         self.optimizers = {
@@ -126,8 +102,10 @@ class TorchEngine:
             for path, adapters in paths.items()
         }
 
-    def apply(self, losses: dict[str, torch.Tensor | None]) -> list[str]:
-        grads = adapter_gradients(losses, self.groups, self.scaler)
+    def step(self, grads: AdapterGradients) -> list[str]:
+        grads = self.scaler.unscale(grads)
+        if grads is None:
+            return []
         for adapter, adapter_grads in grads.items():
             for param, grad in zip(self.groups[adapter], adapter_grads, strict=True):
                 param.grad = grad
@@ -211,7 +189,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         ensure_distributed()
-        self.groups = _flat_groups(paths)
+        self.groups = flat_groups(paths)
         self.scaler = LossScaler(fp16_loss_scaling)
         config = self._config(optimizer)
         for adapter, params in self.groups.items():
@@ -219,8 +197,10 @@ class DeepSpeedEngine:
                                               config=config)
             self.engines[adapter] = engine
 
-    def apply(self, losses: dict[str, torch.Tensor | None]) -> list[str]:
-        grads = adapter_gradients(losses, self.groups, self.scaler)
+    def step(self, grads: AdapterGradients) -> list[str]:
+        grads = self.scaler.unscale(grads)
+        if grads is None:
+            return []
         for adapter, adapter_grads in grads.items():
             engine = self.engines[adapter]
             surrogate = sum((p * g).sum() for p, g in zip(self.groups[adapter], adapter_grads, strict=True))

@@ -40,10 +40,10 @@ from motiondirector.train.checkpoint import (
     write_checkpoint,
     write_packages,
 )
-from motiondirector.train.engine import Engine, make_engine
+from motiondirector.train.engine import Engine, flat_groups, make_engine
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.plan import AdapterPlan, AdapterSpec, installed_adapters, plan_adapters
-from motiondirector.train.step import clip_tensors, draw_step, step_losses
+from motiondirector.train.step import clip_tensors, draw_step, step_gradients
 from motiondirector.video_io import write_gif, write_video
 
 # Config keys that may differ when resuming: they do not change the weights a step produces.
@@ -247,6 +247,8 @@ class _Run:
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.tracker = _Tracker()
         self.router = Router(backbone.unet)  # after the adapters were installed
+        self.paths = plan.parameter_paths(backbone.unet)
+        self.groups = flat_groups(self.paths)
 
     # manifests ---------------------------------------------------------------------------------
     def fingerprints(self, adapter: AdapterSpec) -> list[str]:
@@ -341,13 +343,14 @@ class _Run:
             try:
                 for step in range(start + 1, config.steps + 1):
                     draw = draw_step(self.generator, shapes, num_timesteps, skip_probability)
-                    losses = step_losses(self.backbone, self.plan, self.router, config.mode, clips[draw.record],
-                                         draw, ad_beta=config.ad_beta, autocast=self.autocast)
-                    updated = self.engine.apply(losses.by_adapter)
-                    scalars = losses.scalars()
+                    result = step_gradients(self.backbone, self.plan, self.router, self.groups, config.mode,
+                                            clips[draw.record], draw, ad_beta=config.ad_beta,
+                                            loss_scale=self.engine.scaler.scale, autocast=self.autocast)
+                    updated = self.engine.step(result.grads)
+                    scalars = result.losses
                     for key, value in scalars.items():
                         self.tracker.add(key, value)
-                    if losses.spatial is not None:
+                    if "loss_spatial" in scalars:
                         self.tracker.add(f"loss_{self.plan.spatial_for(draw.record)}", scalars["loss_spatial"])
                     for adapter in updated:
                         self.tracker.updates[adapter] = self.tracker.updates.get(adapter, 0) + 1
@@ -415,7 +418,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
         run = _Run(config, layout, backbone, records, plan, engine, amp_dtype)
         # Weights before prepare(): DeepSpeed copies them into its fp32 partitions there.
         engine_state = run.restore(start) if start is not None else None
-        engine.prepare(plan.parameter_paths(unet), config.optimizer, fp16_loss_scaling=amp_dtype == torch.float16)
+        engine.prepare(run.paths, config.optimizer, fp16_loss_scaling=amp_dtype == torch.float16)
         if engine_state is not None:
             engine.load_state_dict(engine_state)
         was_training = unet.training

@@ -1,4 +1,4 @@
-"""One training step's randomness and forward passes: the dual-path step of method.md.
+"""One training step's randomness, forward and backward passes: the dual-path step of method.md.
 
 All randomness of a step comes from one CPU `torch.Generator`, drawn in a fixed order whatever the
 mode, so a run is reproducible from (seed, generator state) and independent of the device. LoRA
@@ -8,15 +8,17 @@ dropout uses torch's global RNG, which the loop seeds and checkpoints.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.data.records import CacheRecord
 from motiondirector.lora.inject import Router
 from motiondirector.losses import appearance_debiased_loss, spatial_loss, temporal_loss_org
+from motiondirector.train.engine import AdapterGradients
 from motiondirector.train.plan import TEMPORAL, AdapterPlan
 
 
@@ -64,26 +66,21 @@ def draw_step(generator: torch.Generator, shapes: list[tuple[int, ...]], num_tim
 
 
 @dataclass
-class StepLosses:
-    """Loss per adapter for the engine, plus the numbers worth logging."""
-
-    by_adapter: dict[str, torch.Tensor]
-    spatial: torch.Tensor | None = None
-    temporal: torch.Tensor | None = None
-    org: torch.Tensor | None = None
-    ad: torch.Tensor | None = None
-
-    def scalars(self) -> dict[str, float]:
-        named = {"loss_spatial": self.spatial, "loss_temporal": self.temporal, "loss_org": self.org,
-                 "loss_ad": self.ad}
-        return {key: float(value.detach()) for key, value in named.items() if value is not None}
+class StepResult:
+    grads: AdapterGradients  # per adapter, from its own loss, multiplied by the loss scale
+    losses: dict[str, float]  # loss_spatial / loss_temporal / loss_org / loss_ad, those computed
 
 
-def step_losses(backbone: BackboneSpec, plan: AdapterPlan, router: Router, mode: str, clip: ClipTensors,
-                draw: StepDraw, *, ad_beta: float,
-                autocast: Callable[[], contextlib.AbstractContextManager]) -> StepLosses:
-    """Forward passes of one step under the mode's routing (`router` over the backbone's UNet);
-    no gradients are taken here."""
+def step_gradients(backbone: BackboneSpec, plan: AdapterPlan, router: Router,
+                   groups: dict[str, list[nn.Parameter]], mode: str, clip: ClipTensors, draw: StepDraw, *,
+                   ad_beta: float, loss_scale: float,
+                   autocast: Callable[[], contextlib.AbstractContextManager]) -> StepResult:
+    """Both paths' forward AND backward passes; no weight changes here (the engine steps afterwards).
+
+    Each path differentiates inside its own routing context: gradient checkpointing recomputes the
+    forward during the backward, and that recomputation must see the same active adapters and
+    bypassed temporal layers. The spatial graph is also freed before the temporal forward.
+    """
     device, dtype = clip.mean.device, backbone.unet.dtype
     latents = (clip.mean + clip.std * draw.latent_noise.to(device)) * backbone.latent_scaling_factor
     noise = draw.noise.to(device)
@@ -92,31 +89,47 @@ def step_losses(backbone: BackboneSpec, plan: AdapterPlan, router: Router, mode:
     target = backbone.training_target(latents, noise, timesteps)
     text = clip.text.to(dtype)
     spatial = plan.spatial_for(draw.record)
+    grads: AdapterGradients = {}
+    losses: dict[str, torch.Tensor] = {}
 
-    def predict(sample: torch.Tensor, adapters: list[str], spatial_path: bool = False) -> torch.Tensor:
+    @contextlib.contextmanager
+    def routed(adapters: list[str], spatial_path: bool = False) -> Iterator[None]:
         bypass = backbone.bypass_temporal() if spatial_path else contextlib.nullcontext()
         with router.active(adapters), bypass, autocast():
-            return backbone.predict(sample.to(dtype), timesteps, text)
+            yield
+
+    def predict(sample: torch.Tensor) -> torch.Tensor:
+        return backbone.predict(sample.to(dtype), timesteps, text)
+
+    def differentiate(loss: torch.Tensor, adapters: list[str]) -> None:
+        flat = list(torch.autograd.grad(loss * loss_scale, [p for a in adapters for p in groups[a]]))
+        for adapter in adapters:
+            grads[adapter], flat = flat[:len(groups[adapter])], flat[len(groups[adapter]):]
 
     if mode == "coupled":
         # The paper's baseline: one LoRA set in spatial and temporal layers, plain loss, all frames.
-        loss = temporal_loss_org(predict(noisy, [spatial, TEMPORAL]), target)
-        return StepLosses({spatial: loss, TEMPORAL: loss}, temporal=loss, org=loss)
+        with routed([spatial, TEMPORAL]):
+            losses["loss_temporal"] = losses["loss_org"] = temporal_loss_org(predict(noisy), target)
+            differentiate(losses["loss_org"], [spatial, TEMPORAL])
+        return StepResult(grads, _floats(losses))
 
-    result = StepLosses({})
     run_spatial = mode == "spatial_only" or not draw.skip_spatial
     if run_spatial:
         frame = slice(draw.frame, draw.frame + 1)
-        result.spatial = spatial_loss(predict(noisy[:, :, frame], [spatial], spatial_path=True),
-                                      target[:, :, frame])
-        result.by_adapter[spatial] = result.spatial
+        with routed([spatial], spatial_path=True):
+            losses["loss_spatial"] = spatial_loss(predict(noisy[:, :, frame]), target[:, :, frame])
+            differentiate(losses["loss_spatial"], [spatial])
     if mode != "spatial_only":
         # Spatial LoRA on at scale 1 while learning motion; off (scale 0) on spatial-skip steps.
-        prediction = predict(noisy, [TEMPORAL, spatial] if run_spatial else [TEMPORAL])
-        result.org = temporal_loss_org(prediction, target)
-        result.temporal = result.org
-        if mode == "dual_path":
-            result.ad = appearance_debiased_loss(prediction, target, draw.anchor, ad_beta)
-            result.temporal = result.org + result.ad
-        result.by_adapter[TEMPORAL] = result.temporal
-    return result
+        with routed([TEMPORAL, spatial] if run_spatial else [TEMPORAL]):
+            prediction = predict(noisy)
+            losses["loss_org"] = losses["loss_temporal"] = temporal_loss_org(prediction, target)
+            if mode == "dual_path":
+                losses["loss_ad"] = appearance_debiased_loss(prediction, target, draw.anchor, ad_beta)
+                losses["loss_temporal"] = losses["loss_org"] + losses["loss_ad"]
+            differentiate(losses["loss_temporal"], [TEMPORAL])
+    return StepResult(grads, _floats(losses))
+
+
+def _floats(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {key: float(value.detach()) for key, value in sorted(losses.items())}
