@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -125,8 +126,6 @@ def prepare_run_folder(layout: RunLayout, config: TrainConfig, *, resume: bool, 
                              "replace it")
     if not is_run:
         raise RunFolderError(f"{root}: cannot --resume, it is not a run folder (no {layout.config.name})")
-    import yaml
-
     try:
         previous = validate_config(yaml.safe_load(layout.config.read_text()), str(layout.config))
     except ConfigError as error:
@@ -146,7 +145,13 @@ def _keep_metrics_until(path: Path, step: int) -> None:
     """A resumed run rewrites metrics after its checkpoint: drop lines logged after it."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a crash mid-write
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
