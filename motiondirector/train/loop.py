@@ -246,7 +246,7 @@ class _Run:
     def __init__(self, config: TrainConfig, layout: RunLayout, backbone: BackboneSpec, records: list[CacheRecord],
                  plan: AdapterPlan, engine: Engine, amp_dtype: torch.dtype | None) -> None:
         self.config, self.layout, self.backbone, self.records = config, layout, backbone, records
-        self.plan, self.engine, self.amp_dtype = plan, engine, amp_dtype
+        self.plan, self.engine = plan, engine
         self.device = backbone.device
         self.autocast = _autocast_factory(self.device, amp_dtype)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
