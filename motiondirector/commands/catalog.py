@@ -182,7 +182,7 @@ def add(
     """Register a LoRA package (or a run's packages) under new ids; files first, manifest last."""
     from motiondirector.catalog import is_run_folder, register_run
 
-    with _catalog_errors():
+    with _catalog_errors(), console.status(f"copying {package} into the catalog"):
         catalog = _open(uri)
         if is_run_folder(package):
             if preview is not None:
@@ -217,7 +217,7 @@ def reindex(uri: CatalogOption = None,
             full: Annotated[bool, typer.Option("--full", help="Rebuild from the manifests alone.")] = False,
             as_json: JsonOption = False) -> None:
     """Bring the Parquet index up to date (committed ids minus indexed ids; safe to run concurrently)."""
-    with _catalog_errors():
+    with _catalog_errors(), console.status("reading new manifests and writing the index"):
         report = _open(uri).reindex(full=full)
     if as_json:
         print_json(asdict(report))
@@ -261,7 +261,7 @@ def gc(uri: CatalogOption = None,
        dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
        as_json: JsonOption = False) -> None:
     """Remove folders that never got a manifest (crashed writers) and superseded index files."""
-    with _catalog_errors():
+    with _catalog_errors(), console.status("looking for abandoned folders"):
         report = _open(uri).gc(grace, dry_run=dry_run)
     if as_json:
         print_json({**asdict(report), "dry_run": dry_run})
