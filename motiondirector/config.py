@@ -25,7 +25,7 @@ from pydantic import (
 
 from motiondirector.data.ingested import DatasetReference
 from motiondirector.data.sources import DatasetSpec
-from motiondirector.lora.inject import LoraSettings
+from motiondirector.lora.settings import LoraSettings
 from motiondirector.sample import SamplingSettings
 
 Mode = Literal["dual_path", "dual_path_no_ad", "coupled", "spatial_only"]

@@ -35,13 +35,13 @@ from motiondirector.backbones.base import BackboneSpec
 from motiondirector.data.cache import cache_root
 from motiondirector.data.records import fingerprint
 from motiondirector.lora import inject
+from motiondirector.lora.inject import apply_package
 from motiondirector.lora.interop import plain_linears
 from motiondirector.lora.package import (
     ADAPTER_WEIGHTS,
     LoraKind,
     Manifest,
     PackageError,
-    apply_package,
     atomic_write_bytes,
     sha256_file,
 )

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from motiondirector.cli import app
 from motiondirector.commands.common import ExitCode
-from motiondirector.lora.inject import activate
-from motiondirector.lora.package import apply_package, read_manifest, read_package
+from motiondirector.lora.inject import activate, apply_package
+from motiondirector.lora.package import read_manifest, read_package
 
 CLASS_OF_KIND = {"spatial": "Transformer2DModel", "temporal": "TransformerTemporalModel"}
 LAYERS_OF_KIND = {"spatial": ("attn1", "ff"), "temporal": ("attn1", "attn2", "ff")}

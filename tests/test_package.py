@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from motiondirector.lora.inject import linear_shapes
 from motiondirector.lora.package import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -21,7 +22,6 @@ from motiondirector.lora.package import (
     Manifest,
     PackageError,
     check_compatible,
-    linear_shapes,
     read_manifest,
     read_package,
     write_package,

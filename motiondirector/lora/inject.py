@@ -12,32 +12,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """Hyper-parameters of one adapter. alpha None means alpha = rank (scale factor 1)."""
-
-    rank: int = 32
-    alpha: float | None = None
-    dropout: float = 0.1
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
-
-    def peft_config(self, targets: list[str]) -> LoraConfig:
-        if not targets:
-            raise ValueError("no LoRA target modules given")
-        # Exact module names: peft matches a target as the full name or a dotted suffix of it.
-        return LoraConfig(r=self.rank, lora_alpha=self.effective_alpha, lora_dropout=self.dropout,
-                          target_modules=list(targets), init_lora_weights="gaussian", bias="none")
+from motiondirector.lora.package import LoraKind, Manifest, check_compatible, read_package
+from motiondirector.lora.settings import LoraSettings
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -135,11 +118,6 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def state_dict_modules(state: dict[str, torch.Tensor]) -> list[str]:
-    """Module names present in a PEFT-layout state dict, in key order."""
-    return list(dict.fromkeys(key.rsplit(".lora_", 1)[0] for key in state))
-
-
 def load_adapter_weights(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
     """Copy PEFT-layout weights into adapter `name`; every module and shape must match exactly."""
     layers = {module_name: layer for module_name, layer in lora_layers(model) if name in layer.lora_A}
@@ -171,3 +149,31 @@ def unfuse(model: nn.Module) -> None:
     for _, layer in lora_layers(model):
         while layer.merged:
             layer.unmerge()
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear of `model`, also of those already wrapped by a LoRA layer."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            module = module.get_base_layer()
+        elif ".base_layer" in name or ".lora_" in name:  # peft's inner Linears are not model modules
+            continue
+        if isinstance(module, nn.Linear):
+            shapes[name] = (module.out_features, module.in_features)
+    return shapes
+
+
+def apply_package(model: nn.Module, architecture: str, folder: str | Path, name: str, *,
+                  expected_kind: LoraKind | None = None, scale: float = 1.0) -> Manifest:
+    """Load a package into `model` as adapter `name` at `scale` (W0 + scale·ΔW), after checking it fits.
+
+    `architecture` is the model's `BackboneSpec.architecture_fingerprint`. The adapter is added
+    inactive: route it with `activate`/`active`.
+    """
+    manifest, state = read_package(folder)
+    check_compatible(manifest, architecture, linear_shapes(model), str(folder), expected_kind, state=state)
+    add_adapter(model, name, manifest.targets, manifest.settings)
+    load_adapter_weights(model, name, state)
+    set_scale(model, name, scale)
+    return manifest

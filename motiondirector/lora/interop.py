@@ -27,16 +27,15 @@ from torch import nn
 
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.lora import inject
+from motiondirector.lora.inject import apply_package, linear_shapes
 from motiondirector.lora.package import (
     ADAPTER_WEIGHTS,
     BaseModelRef,
     LoraKind,
     Manifest,
     PackageError,
-    apply_package,
     atomic_write_bytes,
     check_compatible,
-    linear_shapes,
     read_package,
     sha256_file,
     write_package,

@@ -22,16 +22,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from motiondirector.lora.inject import (
-    LoraLayer,
-    LoraSettings,
-    add_adapter,
-    load_adapter_weights,
-    set_scale,
-    state_dict_modules,
-)
+from motiondirector.lora.settings import LoraSettings, state_dict_modules
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -123,7 +115,7 @@ def write_package(folder: str | Path, state: dict[str, torch.Tensor], manifest: 
     atomic_write_bytes(folder / ADAPTER_CONFIG, json.dumps(_jsonable(config), indent=2).encode())
     tmp = folder / f".{ADAPTER_WEIGHTS}.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-              metadata={"format": "pt", "kind": manifest.kind})
+              metadata={"format": "pt"})  # one key: byte-identical files for equal weights
     os.replace(tmp, folder / ADAPTER_WEIGHTS)
     atomic_write_bytes(folder / MANIFEST, manifest.model_dump_json(indent=2).encode())
     return folder
@@ -199,31 +191,3 @@ def check_compatible(manifest: Manifest, architecture: str, module_shapes: dict[
         if down.shape[1] != in_features or up.shape[0] != out_features:
             raise PackageError(f"{source}: the LoRA on {name} maps {down.shape[1]} -> {up.shape[0]} features, "
                                f"the base's Linear maps {in_features} -> {out_features}")
-
-
-def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(out, in) of every Linear of `model`, also of those already wrapped by a LoRA layer."""
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            module = module.get_base_layer()
-        elif ".base_layer" in name or ".lora_" in name:  # peft's inner Linears are not model modules
-            continue
-        if isinstance(module, nn.Linear):
-            shapes[name] = (module.out_features, module.in_features)
-    return shapes
-
-
-def apply_package(model: nn.Module, architecture: str, folder: str | Path, name: str, *,
-                  expected_kind: LoraKind | None = None, scale: float = 1.0) -> Manifest:
-    """Load a package into `model` as adapter `name` at `scale` (W0 + scale·ΔW), after checking it fits.
-
-    `architecture` is the model's `BackboneSpec.architecture_fingerprint`. The adapter is added
-    inactive: route it with `inject.activate`/`inject.active`.
-    """
-    manifest, state = read_package(folder)
-    check_compatible(manifest, architecture, linear_shapes(model), str(folder), expected_kind, state=state)
-    add_adapter(model, name, manifest.targets, manifest.settings)
-    load_adapter_weights(model, name, state)
-    set_scale(model, name, scale)
-    return manifest
