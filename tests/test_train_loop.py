@@ -228,3 +228,15 @@ def test_modes(tiny_backbone, tmp_path, mode, packages, updated, logged):
             assert entry["updated"] == ["temporal"] and entry["loss_temporal"] == entry["loss_org"]
     for name in packages:
         assert read_package(tmp_path / mode / name)[0].mode == mode
+
+
+def test_record_draw_follows_sampling_weights():
+    # An image with hflip p becomes two weighted records (original 1-p, mirrored p).
+    shapes = [(1, 4, 2, 4, 4)] * 3
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.75, 0.25, 0.0], dtype=torch.float64)
+    drawn = [draw_step(generator, shapes, 1000, 0.0, weights).record for _ in range(400)]
+    assert 2 not in drawn
+    assert 0.65 < drawn.count(0) / len(drawn) < 0.85
+    uniform = {draw_step(generator, shapes, 1000, 0.0).record for _ in range(100)}
+    assert uniform == {0, 1, 2}

@@ -333,6 +333,8 @@ class _Run:
     def run(self, start: int, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
         config = self.config
         shapes = [(1, *r.latent_mean.shape) for r in self.records]
+        # Records carry a sampling weight where the data layer split one source into weighted variants.
+        weights = torch.tensor([float(r.extra.get("weight", 1.0)) for r in self.records], dtype=torch.float64)
         clips = [clip_tensors(r, self.device) for r in self.records]
         skip_probability = config.spatial_skip_probability if config.mode.startswith("dual_path") else 0.0
         num_timesteps = self.backbone.scheduler.config.num_train_timesteps
@@ -347,7 +349,7 @@ class _Run:
             task = bar.add_task("train", total=config.steps, completed=start, rate="", losses="")
             try:
                 for step in range(start + 1, config.steps + 1):
-                    draw = draw_step(self.generator, shapes, num_timesteps, skip_probability)
+                    draw = draw_step(self.generator, shapes, num_timesteps, skip_probability, weights)
                     result = step_gradients(self.backbone, self.plan, self.router, self.groups, config.mode,
                                             clips[draw.record], draw, ad_beta=config.ad_beta,
                                             loss_scale=self.engine.scaler.scale, autocast=self.autocast)

@@ -50,12 +50,16 @@ class StepDraw:
 
 
 def draw_step(generator: torch.Generator, shapes: list[tuple[int, ...]], num_timesteps: int,
-              skip_probability: float) -> StepDraw:
-    """Everything random about one step, always drawn in the same order."""
+              skip_probability: float, weights: torch.Tensor | None = None) -> StepDraw:
+    """Everything random about one step, always drawn in the same order.
+
+    `weights` (one per record, e.g. an image's flipped copy drawn with the hflip probability) make
+    the record draw non-uniform; None draws uniformly.
+    """
     def integer(high: int) -> int:
         return int(torch.randint(high, (1,), generator=generator))
 
-    record = integer(len(shapes))
+    record = integer(len(shapes)) if weights is None else int(torch.multinomial(weights, 1, generator=generator))
     shape = shapes[record]
     latent_noise = torch.randn(shape, generator=generator)
     noise = torch.randn(shape, generator=generator)
