@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                    args.entries, args.new, root_kind, results)
     print(text)
     if args.docs:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from train_step import replace_section  # the shared page's one section writer
+        from report import replace_section  # bench/ is on sys.path when run as a script
+
 
         replace_section(args.docs, SECTION, text)
     return 0

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import replace_section  # bench/ is on sys.path when run as a script
 
 from motiondirector.backbones import load_backbone
 from motiondirector.backbones.tiny import TinyModelConfig, write_tiny_model
@@ -122,18 +123,6 @@ def report(timings: dict[str, list[float]], command: str, settings: SamplingSett
     return "\n".join(lines) + "\n"
 
 
-def write_section(docs: Path, section: str) -> None:
-    """Replace this benchmark's section in the shared benchmarks page, keeping the others."""
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("" if end == -1 else "\n" + text[end + 1:])
-    docs.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="model to time (default: a random-init model of --preset's size)")
@@ -160,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(timings, command, settings, label, args.device, args.rank, flop_share)
     sys.stdout.write(section)
     if args.docs:
-        write_section(args.docs, section)
+        replace_section(args.docs, SECTION, section)
     return 0
 
 

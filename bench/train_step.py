@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import replace_section  # bench/ is on sys.path when run as a script
 
 from motiondirector.backbones.tiny import TinyModelConfig, build_components, write_tiny_model
 from motiondirector.backbones.unet3d import UNet3DSpec
@@ -153,18 +154,6 @@ def render(results: list[dict], skipped: list[str], command: str) -> str:
                      f"{flops} | {mfu} |")
     lines += [""] + [f"- {line}" for line in skipped]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def replace_section(path: Path, title: str, body: str) -> None:
-    """Put `body` (starting with `title`) in place of that section of a shared page, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(title + "\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + body + ("" if end == -1 else text[end:])
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
