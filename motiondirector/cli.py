@@ -7,6 +7,7 @@ Heavy imports (torch, diffusers, Ray) happen inside the commands, so `--help` st
 from __future__ import annotations
 
 import importlib
+import os
 
 import typer
 
@@ -20,13 +21,15 @@ def _root() -> None:
     """MotionDirector: customize the motion of text-to-video diffusion models."""
 
 
-_COMMAND_MODULES = ("targets", "generate", "lora", "evaluate", "animate", "cache", "toyworld", "catalog", "ingest", "train")
+_COMMAND_MODULES = ("targets", "generate", "lora", "evaluate", "animate", "cache", "toyworld", "demo", "catalog", "ingest", "train")
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"motiondirector.commands.{_name}").register(app)
 
 
 def main() -> None:
+    # Our own rich bars show progress; hub/transformers per-file bars ("Loading weights") are noise here.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 if __name__ == "__main__":
     main()
