@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ from motiondirector.toyworld.render import (
     Scene,
     render,
 )
+
+if TYPE_CHECKING:
+    from motiondirector.config import TrainConfig
 
 MODES = ("base", "coupled", "dual_path_no_ad", "dual_path")
 # Seeds of benchmark samples; reference clips use seeds 0..videos-1.
@@ -107,7 +111,8 @@ def clip_records(backbone: BackboneSpec, clips: list[Clip]) -> list[CacheRecord]
 
 
 def train_config(settings: BenchmarkSettings, backbone: BackboneSpec, mode: str, videos: int,
-                 caption: str) -> object:
+                 caption: str) -> TrainConfig:
+    """The training config of one benchmark run (data come as records, so `data` only names them)."""
     from motiondirector.config import TrainConfig
 
     sampling = settings.sampling

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -142,10 +143,8 @@ def report_markdown(report: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_docs_section(path, name: str, body: str) -> None:
+def replace_docs_section(path: str | Path, name: str, body: str) -> None:
     """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` in a markdown file."""
-    from pathlib import Path
-
     path = Path(path)
     text = path.read_text()
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
