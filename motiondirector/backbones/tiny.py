@@ -40,21 +40,41 @@ class TinyModelConfig:
 
 
 def build_tokenizer(words: tuple[str, ...], max_tokens: int) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer whose merges make each of `words` one token (a word-level vocabulary)."""
+    """A CLIP BPE tokenizer whose merges make each of `words` one token (a word-level vocabulary).
+
+    The merges are learnt by BPE itself on the word list (most frequent pair first, merged in every
+    word), so encoding a listed word replays exactly its own merges; hand-made per-word merge chains
+    break when one word's merge outranks another's (e.g. "re" of "red" splitting "green").
+    """
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in _ALPHABET:
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
+    pieces = [list(word[:-1]) + [word[-1] + "</w>"] for word in dict.fromkeys(w.lower() for w in words)]
     merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            if (current, piece) not in merges:
-                merges.append((current, piece))
-            current += piece
-            vocab.setdefault(current, len(vocab))
+    while any(len(word) > 1 for word in pieces):
+        counts: dict[tuple[str, str], int] = {}
+        for word in pieces:
+            for pair in zip(word, word[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = max(counts, key=lambda pair: (counts[pair], pair))  # ties broken by the pair itself: deterministic
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        pieces = [_merge_pair(word, best) for word in pieces]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_tokens)
+
+
+def _merge_pair(word: list[str], pair: tuple[str, str]) -> list[str]:
+    """Replace each non-overlapping occurrence of `pair`, scanning left to right (as BPE encoding does)."""
+    merged, index = [], 0
+    while index < len(word):
+        if index + 1 < len(word) and (word[index], word[index + 1]) == pair:
+            merged.append(word[index] + word[index + 1])
+            index += 2
+        else:
+            merged.append(word[index])
+            index += 1
+    return merged
 
 
 def build_components(config: TinyModelConfig, seed: int = 0) -> dict[str, object]:
