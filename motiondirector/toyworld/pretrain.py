@@ -12,6 +12,7 @@ then the EMA weights are exported as a diffusers folder (default: the embedded m
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from motiondirector.backbones.tiny import TinyModelConfig, build_components, save_model_folder
+from motiondirector.lora.package import atomic_write_bytes
 from motiondirector.toyworld.render import (
     HELD_OUT_MOTION,
     PRETRAIN_MOTIONS,
@@ -69,9 +71,9 @@ class PretrainSettings:
 
 
 def _atomic_torch_save(payload: dict, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())  # the system's one temp-name-then-rename writer
 
 
 def _log(folder: Path, message: str, echo: Callable[[str], None]) -> None:
