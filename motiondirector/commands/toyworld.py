@@ -60,6 +60,9 @@ def pretrain_command(
     export: Annotated[Path | None, typer.Option(
         "--export", help="Where the diffusers folder goes; default: the embedded `toy` model folder.")] = None,
     threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch.")] = 2,
+    high_noise_share: Annotated[float, typer.Option(
+        "--high-noise-share", min=0.0, max=1.0,
+        help="Share of each batch drawn from the noisier half of the timesteps.")] = 0.5,
 ) -> None:
     """Pretrain the toy base model (autoencoder, then UNet3D + text encoder); resumable in chunks."""
     from dataclasses import replace
@@ -77,7 +80,7 @@ def pretrain_command(
 
         recipe = pretrain(out, minutes=minutes, resume=resume, max_steps=max_steps,
                           export_to=export or EMBEDDED_MODEL_FOLDER,
-                          settings=replace(PretrainSettings(), threads=threads),
+                          settings=replace(PretrainSettings(), threads=threads, high_noise_share=high_noise_share),
                           echo=lambda message: console.print(message, highlight=False), on_progress=on_progress)
     console.print(f"exported step {recipe['denoiser_steps']} to {export or EMBEDDED_MODEL_FOLDER}")
 

@@ -62,6 +62,9 @@ class PretrainSettings:
     warmup_steps: int = 200
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # Share of each batch whose timesteps come from the noisier half of the schedule: that is where
+    # a clip's layout and trajectory (the motion the text asks for) are decided.
+    high_noise_share: float = 0.5
     ema_decay: float = 0.999
     checkpoint_minutes: float = 4.0
     probe_minutes: float = 15.0
@@ -163,6 +166,21 @@ def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.
     return torch.clamp(snr, max=gamma) / snr
 
 
+def draw_timesteps(batch: int, train_timesteps: int, high_noise_share: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Uniform timesteps, except that the first `high_noise_share` of the batch comes from [T/2, T)."""
+    timesteps = torch.randint(0, train_timesteps, (batch,), generator=generator)
+    high = round(batch * high_noise_share)
+    timesteps[:high] = torch.randint(train_timesteps // 2, train_timesteps, (high,), generator=generator)
+    return timesteps
+
+
+def _phase_settings(settings: PretrainSettings) -> dict:
+    """The settings that may change when a run is resumed; each change starts a new recorded phase."""
+    return {"threads": settings.threads, "batch": settings.batch, "lr": settings.lr,
+            "high_noise_share": settings.high_noise_share}
+
+
 def quality_probe(components: dict, prompts: list[Scene], seed: int, steps: int = 20,
                   guidance: float = 6.0) -> dict[str, float]:
     """Sample `prompts` with the current weights and score them with the analytic probes."""
@@ -255,6 +273,7 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=1e-2)
     ema = _Ema(trained, settings.ema_decay)
     step, unet_seconds = 0, 0.0
+    phases: list[dict] = []
     rng = torch.Generator().manual_seed(settings.seed)
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
@@ -265,12 +284,18 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
         optimizer.load_state_dict(state["optimizer"])
         rng.set_state(state["rng"])
         step, unet_seconds = state["step"], state["seconds"]
+        # Checkpoints from before phases were recorded ran uniform timesteps at one thread.
+        phases = state.get("phases") or [{"first_step": 0, "first_minute": 0.0, "threads": 1, "batch": settings.batch, "lr": settings.lr,
+                                           "high_noise_share": 0.0}]
         log(f"resumed at step {step} ({unet_seconds / 60:.1f} min trained)")
+    if not phases or {k: phases[-1][k] for k in _phase_settings(settings)} != _phase_settings(settings):
+        phases.append({"first_step": step, "first_minute": round(unet_seconds / 60, 2), **_phase_settings(settings)})
 
     def save_checkpoint() -> None:
         _atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                             "ema": [s.state_dict() for s in ema.shadow], "optimizer": optimizer.state_dict(),
-                            "rng": rng.get_state(), "step": step, "seconds": unet_seconds}, checkpoint_path)
+                            "rng": rng.get_state(), "step": step, "seconds": unet_seconds, "phases": phases},
+                           checkpoint_path)
 
     def ema_components() -> dict:
         return {**components, "unet": ema.shadow[0], "text_encoder": ema.shadow[1]}
@@ -291,7 +316,7 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
         dropped = torch.rand(settings.batch, generator=rng) < settings.caption_dropout
         ids[dropped] = caption_ids[empty_id]
         noise = torch.randn(clean.shape, generator=rng)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (settings.batch,), generator=rng)
+        timesteps = draw_timesteps(settings.batch, scheduler.config.num_train_timesteps, settings.high_noise_share, rng)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         text = text_encoder(ids)[0]
         prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
@@ -327,6 +352,7 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
         "latent_scaling_factor": pool["scaling_factor"], "pool_clips": len(latents),
         "timings": {**timings, "denoiser_minutes": round(unet_seconds / 60, 2), "threads": settings.threads},
         "settings": {k: v for k, v in asdict(settings).items() if k != "model"}, "model": asdict(settings.model),
+        "phases": phases,
     }
     if export_to is not None:
         export(ema_components(), Path(export_to), recipe)
