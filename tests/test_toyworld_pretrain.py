@@ -9,7 +9,7 @@ import torch
 
 from motiondirector.backbones import load_backbone
 from motiondirector.backbones.tiny import TinyModelConfig
-from motiondirector.toyworld.pretrain import PretrainSettings, draw_timesteps, pretrain
+from motiondirector.toyworld.pretrain import PretrainSettings, draw_timesteps, loss_weights, pretrain
 from motiondirector.toyworld.render import world_words
 
 
@@ -27,6 +27,24 @@ def test_draw_timesteps_puts_the_asked_share_in_the_noisy_half():
     assert 0.4 < (timesteps[250:] >= 500).float().mean() < 0.6  # the rest stays uniform
     uniform = draw_timesteps(1000, 1000, 0.0, generator)
     assert 0.4 < (uniform >= 500).float().mean() < 0.6
+
+
+def test_loss_weights_are_min_snr_lifted_at_high_noise():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    timesteps = torch.arange(0, 1000, 7)
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    weights = loss_weights(scheduler, timesteps, min_snr_gamma=5.0, high_noise_weight=10.0)
+    low, mid, high = snr > 5, (snr <= 1) & (snr >= 0.1), snr < 0.1
+    assert low.any() and mid.any() and high.any()
+    assert torch.allclose(weights[low], 5.0 / snr[low])  # min-SNR: the easy steps count less
+    assert torch.allclose(weights[(snr > 1) & (snr <= 5)], torch.ones(1))
+    assert torch.allclose(weights[mid], 1 / snr[mid])  # a flat weight on the clean-clip error
+    assert torch.allclose(weights[high], torch.full((1,), 10.0))
+    plain = loss_weights(scheduler, timesteps, min_snr_gamma=5.0, high_noise_weight=1.0)
+    assert torch.allclose(plain[snr <= 5], torch.ones(1))
 
 
 def test_pretrain_resumes_records_phases_and_exports_a_loadable_model(tmp_path):

@@ -63,6 +63,8 @@ def pretrain_command(
     high_noise_share: Annotated[float, typer.Option(
         "--high-noise-share", min=0.0, max=1.0,
         help="Share of each batch drawn from the noisier half of the timesteps.")] = 0.5,
+    high_noise_weight: Annotated[float, typer.Option(
+        "--high-noise-weight", min=1.0, help="Cap of the extra loss weight 1/SNR at high noise (1 = none).")] = 10.0,
 ) -> None:
     """Pretrain the toy base model (autoencoder, then UNet3D + text encoder); resumable in chunks."""
     from dataclasses import replace
@@ -80,7 +82,8 @@ def pretrain_command(
 
         recipe = pretrain(out, minutes=minutes, resume=resume, max_steps=max_steps,
                           export_to=export or EMBEDDED_MODEL_FOLDER,
-                          settings=replace(PretrainSettings(), threads=threads, high_noise_share=high_noise_share),
+                          settings=replace(PretrainSettings(), threads=threads, high_noise_share=high_noise_share,
+                                           high_noise_weight=high_noise_weight),
                           echo=lambda message: console.print(message, highlight=False), on_progress=on_progress)
     console.print(f"exported step {recipe['denoiser_steps']} to {export or EMBEDDED_MODEL_FOLDER}")
 

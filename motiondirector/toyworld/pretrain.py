@@ -65,6 +65,8 @@ class PretrainSettings:
     # Share of each batch whose timesteps come from the noisier half of the schedule: that is where
     # a clip's layout and trajectory (the motion the text asks for) are decided.
     high_noise_share: float = 0.5
+    # Cap of the extra loss weight 1/SNR where SNR < 1 (1 = none): see `loss_weights`.
+    high_noise_weight: float = 10.0
     ema_decay: float = 0.999
     checkpoint_minutes: float = 4.0
     probe_minutes: float = 15.0
@@ -160,10 +162,18 @@ class _Ema:
                     target.lerp_(source, 1.0 - decay)
 
 
-def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+def loss_weights(scheduler, timesteps: torch.Tensor, min_snr_gamma: float,
+                 high_noise_weight: float) -> torch.Tensor:
+    """Per-sample weights of the epsilon loss: min-SNR, lifted by clamp(1/SNR, 1, high_noise_weight).
+
+    Min-SNR down-weights the easy low-noise steps. The epsilon loss weighs an error of the clean
+    clip by SNR, which is < 0.1 where the layout and trajectory are decided, so the motion the text
+    asks for gets a tiny share of the gradient; the second factor makes that x0 weight flat down to
+    SNR = 1/high_noise_weight.
+    """
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
+    return torch.clamp(snr, max=min_snr_gamma) / snr * torch.clamp(1 / snr, min=1.0, max=high_noise_weight)
 
 
 def draw_timesteps(batch: int, train_timesteps: int, high_noise_share: float,
@@ -178,7 +188,7 @@ def draw_timesteps(batch: int, train_timesteps: int, high_noise_share: float,
 def _phase_settings(settings: PretrainSettings) -> dict:
     """The settings that may change when a run is resumed; each change starts a new recorded phase."""
     return {"threads": settings.threads, "batch": settings.batch, "lr": settings.lr,
-            "high_noise_share": settings.high_noise_share}
+            "high_noise_share": settings.high_noise_share, "high_noise_weight": settings.high_noise_weight}
 
 
 def quality_probe(components: dict, prompts: list[Scene], seed: int, steps: int = 20,
@@ -285,8 +295,10 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
         rng.set_state(state["rng"])
         step, unet_seconds = state["step"], state["seconds"]
         # Checkpoints from before phases were recorded ran uniform timesteps at one thread.
-        phases = state.get("phases") or [{"first_step": 0, "first_minute": 0.0, "threads": 1, "batch": settings.batch, "lr": settings.lr,
-                                           "high_noise_share": 0.0}]
+        phases = state.get("phases") or [{"first_step": 0, "first_minute": 0.0, "threads": 1, "batch": settings.batch,
+                                           "lr": settings.lr, "high_noise_share": 0.0}]
+        for phase in phases:
+            phase.setdefault("high_noise_weight", 1.0)  # phases before the setting existed ran without it
         log(f"resumed at step {step} ({unet_seconds / 60:.1f} min trained)")
     if not phases or {k: phases[-1][k] for k in _phase_settings(settings)} != _phase_settings(settings):
         phases.append({"first_step": step, "first_minute": round(unet_seconds / 60, 2), **_phase_settings(settings)})
@@ -321,7 +333,8 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
         text = text_encoder(ids)[0]
         prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3, 4))
-        loss = (per_sample * _min_snr_weights(scheduler, timesteps, settings.min_snr_gamma)).mean()
+        loss = (per_sample * loss_weights(scheduler, timesteps, settings.min_snr_gamma,
+                                          settings.high_noise_weight)).mean()
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
