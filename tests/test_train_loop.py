@@ -153,11 +153,12 @@ def test_signal_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_backbon
             os.kill(os.getpid(), signal.SIGINT)  # handled by the loop: finish the step, checkpoint, stop
 
     out = tmp_path / "interrupted"
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
     with pytest.raises(TrainingInterrupted) as stopped:
         train(config, out, backbone=tiny_backbone, records=records, progress=False, on_step=interrupt_at_step_2)
     assert stopped.value.step == 2 and stopped.value.checkpoint == out / "checkpoints" / "step-2"
     assert RunLayout(out).checkpoint_steps() == [2] and not (out / "summary.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
     summary = train(config, out, resume=True, backbone=tiny_backbone, records=records, progress=False)
     assert summary.resumed_from == 2 and summary.checkpoints == [2, 4, 5]
