@@ -42,13 +42,15 @@ from motiondirector.train.checkpoint import (
     write_packages,
 )
 from motiondirector.train.engine import Engine, flat_groups, make_engine
+from motiondirector.train.guard import DivergenceGuard, TimestepSampler
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.plan import AdapterPlan, AdapterSpec, installed_adapters, plan_adapters
 from motiondirector.train.step import clip_tensors, draw_step, step_gradients
 from motiondirector.video_io import write_gif, write_video
 
 # Config keys that may differ when resuming: they do not change the weights a step produces.
-RESUMABLE_CHANGES = frozenset({"steps", "device", "log_every", "checkpoint_every", "validation", "cache_dir"})
+RESUMABLE_CHANGES = frozenset({"steps", "device", "log_every", "checkpoint_every", "validation", "cache_dir",
+                               "divergence"})
 _LOSS_WINDOW = 20  # manifests report each loss as the mean over its last N values
 
 
@@ -251,6 +253,10 @@ class _Run:
         self.autocast = _autocast_factory(self.device, amp_dtype)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.tracker = _Tracker()
+        divergence = config.divergence
+        self.guard = DivergenceGuard(divergence.factor, divergence.window, divergence.enabled,
+                                     hint=f"; lower optimizer.lr (now {config.optimizer.lr:g}) or lora.rank (now "
+                                          f"{config.lora.rank}), or set divergence.enabled: false")
         self.router = Router(backbone.unet)  # after the adapters were installed
         self.paths = plan.parameter_paths(backbone.unet)
         self.groups = flat_groups(self.paths)
@@ -285,7 +291,8 @@ class _Run:
     # state ---------------------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict[str, Any]:
         state = {"step": step, "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                 "engine": self.engine.state_dict(), "tracker": self.tracker.state_dict()}
+                 "engine": self.engine.state_dict(), "tracker": self.tracker.state_dict(),
+                 "guard": self.guard.state_dict()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -300,6 +307,8 @@ class _Run:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.tracker = _Tracker.from_state(state["tracker"])
+        if "guard" in state:  # checkpoints written before the guard existed start it afresh
+            self.guard.load_state_dict(state["guard"])
         return state["engine"]
 
     def checkpoint(self, step: int) -> Path:
@@ -338,6 +347,7 @@ class _Run:
         clips = [clip_tensors(r, self.device) for r in self.records]
         skip_probability = config.spatial_skip_probability if config.mode.startswith("dual_path") else 0.0
         num_timesteps = self.backbone.scheduler.config.num_train_timesteps
+        timesteps = TimestepSampler(num_timesteps, config.timesteps.high_share, config.timesteps.high_from)
         _keep_metrics_until(self.layout.metrics, start)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -349,12 +359,14 @@ class _Run:
             task = bar.add_task("train", total=config.steps, completed=start, rate="", losses="")
             try:
                 for step in range(start + 1, config.steps + 1):
-                    draw = draw_step(self.generator, shapes, num_timesteps, skip_probability, weights)
+                    draw = draw_step(self.generator, shapes, num_timesteps, skip_probability, weights,
+                                     timesteps=timesteps)
                     result = step_gradients(self.backbone, self.plan, self.router, self.groups, config.mode,
                                             clips[draw.record], draw, ad_beta=config.ad_beta,
                                             loss_scale=self.engine.scaler.scale, autocast=self.autocast)
                     updated = self.engine.step(result.grads)
                     scalars = result.losses
+                    self.guard.observe(step, scalars)
                     for key, value in scalars.items():
                         self.tracker.add(key, value)
                     if "loss_spatial" in scalars:
