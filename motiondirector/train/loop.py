@@ -28,7 +28,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from motiondirector.backbones import load_backbone, resolve_device
+from motiondirector.backbones import defaults_for, load_backbone, resolve_device
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.config import ConfigError, TrainConfig, validate_config
 from motiondirector.data.records import CacheRecord
@@ -399,6 +399,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
     OUT, ValueError for bad data, ModelNotAvailableError / ModelTooLargeError for the base model.
     """
     began = time.perf_counter()
+    config = config.with_model_defaults(backbone.defaults if backbone is not None else defaults_for(config.base))
     layout = RunLayout(Path(out_dir))
     start = prepare_run_folder(layout, config, resume=resume, overwrite=overwrite)
     device = backbone.device if backbone is not None else resolve_device(config.device)
