@@ -65,7 +65,7 @@ def image_appearance(images: list[str | Path], caption: str, backbone: BackboneS
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
         try:
-            train(config, staging, backbone=backbone, progress=False)
+            train(config, staging, backbone=backbone, observers=observers)
             staging.chmod(0o755)
             if run.root.exists():  # another process finished the same LoRA first
                 shutil.rmtree(staging)

@@ -189,7 +189,7 @@ def test_generate_from_a_run_trained_by_the_training_loop(tiny_backbone, tmp_pat
                               "data": {"sources": "synthetic.mp4"}, "gradient_checkpointing": False,
                               "checkpoint_every": 1, "mixed_precision": "no"}, "test config")
     run = tmp_path / "run"
-    train(config, run, backbone=tiny_backbone, records=synthetic_records(tiny_backbone, videos=2), progress=False)
+    train(config, run, backbone=tiny_backbone, records=synthetic_records(tiny_backbone, videos=2))
     runner = CliRunner()
     # No --base: the packages name the model they were trained on.
     common = ["generate", "--prompt", "a car", "--seed", "1", "--json", *FAST]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from motiondirector.commands.common import CatalogOption, JsonOption, reported_errors
+from motiondirector.commands.common import CatalogOption, JsonOption, console, reported_errors
 from motiondirector.commands.generate import (
     CacheDirOption,
     FpsOption,
@@ -25,6 +25,7 @@ from motiondirector.commands.generate import (
     build_params,
     report_videos,
 )
+from motiondirector.commands.observers import RichProgress
 
 
 def animate(
@@ -61,8 +62,10 @@ def animate(
                               appearances=None, appearance_scales=None, size=size, catalog=lookup,
                               negative_prompt=negative_prompt, steps=steps, guidance=guidance, frames=frames,
                               fps=fps, seed=seed)
-        videos = api.animate(images, params, caption=caption, steps_train=steps_train,
-                             appearance_scale=appearance_scale, device=device, cache_dir=cache_dir, catalog=lookup)
+        with RichProgress(console) as bars:
+            videos = api.animate(images, params, caption=caption, steps_train=steps_train,
+                                 appearance_scale=appearance_scale, device=device, cache_dir=cache_dir,
+                                 catalog=lookup, observers=[bars])
         api.save_videos(videos, out)
     report_videos(videos, as_json)
 

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from motiondirector.commands.common import DeviceOption, JsonOption, console, print_json, reported_errors
+from motiondirector.commands.observers import RichProgress
 
 REFERENCE_PROMPT = "a red circle moving in a zigzag on a grey background"
 TARGET_PROMPT = "a blue square moving in a zigzag on a black background"
@@ -62,7 +63,9 @@ def demo(
 
         console.print(f"2/3 training a dual-path LoRA ({steps} steps)", highlight=False)
         config = train_config(BenchmarkSettings(steps=steps), backbone, "dual_path", 1, clip.caption)
-        summary = train(config, out / "run", overwrite=True, backbone=backbone, records=clip_records(backbone, [clip]))
+        with RichProgress(console) as bars:
+            summary = train(config, out / "run", overwrite=True, backbone=backbone,
+                            records=clip_records(backbone, [clip]), observers=[bars])
 
         console.print(f"3/3 generating {TARGET_PROMPT!r} with the motion LoRA and with the base model", highlight=False)
         results = {}

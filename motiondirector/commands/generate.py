@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from motiondirector.commands.common import CatalogOption, JsonOption, console, print_json, reported_errors
+from motiondirector.commands.observers import RichProgress
 
 if TYPE_CHECKING:
     from motiondirector.api import CatalogOnDemand, GeneratedVideo, GenerationParams
@@ -122,17 +123,25 @@ def generate(
 
     with reported_errors():
         lookup = api.CatalogOnDemand(catalog)
-        if replay_from is not None:
-            videos = api.replay(replay_from, device=device, cache_dir=cache_dir, catalog=lookup)
-        else:
-            params = build_params(
-                base=base, prompts=prompt, motions=motion, motion_scales=motion_scale, appearances=appearance,
-                appearance_scales=appearance_scale, size=size, catalog=lookup, negative_prompt=negative_prompt,
-                steps=steps, guidance=guidance, frames=frames, fps=fps, seed=seed, noise_prior=noise_prior,
-                reference_video=str(reference) if reference else None, fuse=fuse)
-            videos = api.generate(params, device=device, cache_dir=cache_dir, catalog=lookup)
+        with RichProgress(console) as bars:
+            videos = _generate_or_replay(replay_from, lookup, device=device, cache_dir=cache_dir, observers=[bars],
+                                         base=base, prompts=prompt, motions=motion, motion_scales=motion_scale,
+                                         appearances=appearance, appearance_scales=appearance_scale, size=size,
+                                         negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                         frames=frames, fps=fps, seed=seed, noise_prior=noise_prior,
+                                         reference_video=str(reference) if reference else None, fuse=fuse)
         api.save_videos(videos, out)
     report_videos(videos, as_json)
+
+
+def _generate_or_replay(replay_from: Path | None, lookup: CatalogOnDemand, *, device: str,
+                        cache_dir: Path | None, observers: list, **options: Any) -> list[GeneratedVideo]:
+    from motiondirector import api
+
+    if replay_from is not None:
+        return api.replay(replay_from, device=device, cache_dir=cache_dir, catalog=lookup, observers=observers)
+    params = build_params(catalog=lookup, **options)
+    return api.generate(params, device=device, cache_dir=cache_dir, catalog=lookup, observers=observers)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from motiondirector.commands.common import ExitCode, JsonOption, console, fail, print_json, reported_errors
+from motiondirector.commands.observers import RichProgress, TensorBoardScalars, losses_text
 
 
 def train(
@@ -37,8 +38,9 @@ def train(
             settings = settings.model_copy(update={k: str(v) for k, v in updates.items()})
         folder = out or Path("runs") / config.stem
         try:
-            summary, manifests = api.train_and_register(settings, folder, catalog, resume=resume,
-                                                        overwrite=overwrite)
+            with RichProgress(console) as bars, TensorBoardScalars(settings.log_every) as tensorboard:
+                summary, manifests = api.train_and_register(settings, folder, catalog, resume=resume,
+                                                            overwrite=overwrite, observers=[bars, tensorboard])
         except api.TrainingInterrupted as stopped:
             if as_json:
                 print_json({"out_dir": str(folder), "interrupted": True, "step": stopped.step,
@@ -51,9 +53,7 @@ def train(
         print_json({**summary.to_json(), **({"catalog_ids": registered} if catalog is not None else {})})
         return
     console.print(f"trained {summary.steps} steps in {summary.seconds:.1f} s ({summary.mode}, spatial LoRAs "
-                  f"{summary.routing}); losses: "
-                  + ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in summary.losses.items()),
-                  highlight=False)
+                  f"{summary.routing}); losses: {losses_text(summary.losses)}", highlight=False)
     for catalog_id in registered:
         console.print(f"registered {catalog_id} in {catalog}", highlight=False)
     print(summary.out_dir)
