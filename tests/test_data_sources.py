@@ -35,7 +35,7 @@ def test_spec_defaults_and_unknown_keys():
     assert (resolved.frames, resolved.fps, resolved.size, resolved.clip_policy.frames) == (8, 4.0, (32, 48), 8)
     assert DatasetSpec(sources="x", frames=3).with_model_defaults(toy).frames == 3
     with pytest.raises(ValueError, match="apply the base model's defaults"):
-        spec.clip_policy
+        _ = spec.clip_policy
     assert DatasetSpec(sources=["imgs/*.jpg"]).name == "imgs"
     assert DatasetSpec(sources=["s3://bucket/car-turn.mp4"], buckets=[(320, 576)]).crop == "bucket"
     with pytest.raises(ValidationError, match="captoin"):
