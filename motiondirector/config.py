@@ -7,7 +7,6 @@ silently ignored setting. Defaults follow the reference configs in method.md.
 from __future__ import annotations
 
 import difflib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from motiondirector.data.ingested import DatasetReference
 from motiondirector.data.sources import DatasetSpec
 from motiondirector.lora.settings import LoraSettings
 from motiondirector.sample import SamplingSettings
+from motiondirector.storage import normalize
 
 Mode = Literal["dual_path", "dual_path_no_ad", "coupled", "spatial_only"]
 Routing = Literal["auto", "per_video", "shared", "per_clip"]
@@ -173,8 +173,7 @@ def _resolve_sources(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     listed = [sources] if isinstance(sources, str) else sources
     if not isinstance(listed, list):
         return data  # pydantic reports the type error
-    resolved = [os.path.normpath(folder / s) if isinstance(s, str) and "://" not in s and not Path(s).is_absolute()
-                else s for s in listed]
+    resolved = [normalize(s, relative_to=folder) if isinstance(s, str) else s for s in listed]
     return {**data, "data": {**section, "sources": resolved}}
 
 

@@ -32,7 +32,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from motiondirector.backbones.base import BackboneSpec
-from motiondirector.data.cache import cache_root
 from motiondirector.data.records import fingerprint
 from motiondirector.lora import inject
 from motiondirector.lora.inject import apply_package
@@ -42,11 +41,10 @@ from motiondirector.lora.package import (
     LoraKind,
     Manifest,
     PackageError,
-    atomic_write_bytes,
-    sha256_file,
 )
 from motiondirector.lora.resolve import LoraCatalog, resolve_lora
 from motiondirector.sample import SamplingSettings, ddim_invert, latent_shape, sample_videos
+from motiondirector.storage import atomic_write, cache_root, local_path, sha256_file, staged_folder
 
 SIDECAR_SCHEMA_VERSION = 1
 NOISE_PRIOR_INVERSION_STEPS = 50
@@ -205,7 +203,7 @@ def noise_prior_latents(backbone: BackboneSpec, video: str | Path, params: Gener
         inverted = ddim_invert(backbone, latents, steps=NOISE_PRIOR_INVERSION_STEPS, on_step=on_step)
     inverted = inverted.float().cpu().contiguous()
     cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cached, safetensors_bytes({"z_inv": inverted}, metadata={"video": str(video)}))
+    atomic_write(cached, safetensors_bytes({"z_inv": inverted}, metadata={"video": str(video)}))
     return inverted
 
 
@@ -230,7 +228,7 @@ def slugify(text: str, limit: int = 40) -> str:
 
 def _absolute_if_local(reference: str) -> str:
     """Local paths become absolute so a sidecar replays from any working folder."""
-    path = Path(reference).expanduser()
+    path = local_path(reference)
     return str(path.resolve()) if path.exists() else reference
 
 
@@ -306,7 +304,7 @@ def _write_outputs(video: GeneratedVideo, params: GenerationParams, applied: lis
     }
     files["json"] = out_dir / f"{stem}.json"
     # Written last: a sidecar marks its video complete.
-    atomic_write_bytes(files["json"], json.dumps(sidecar, indent=2).encode())
+    atomic_write(files["json"], json.dumps(sidecar, indent=2).encode())
     return files
 
 
@@ -370,9 +368,6 @@ def image_appearance(images: list[str | Path], caption: str, backbone: BackboneS
                      cache_dir: str | Path | None = None, progress: bool = True) -> Path:
     """A spatial LoRA trained on `images` (each repeated as a clip), cached under the cache root by the
     images' content hashes and every training setting; returns its package folder."""
-    import shutil
-    import tempfile
-
     from motiondirector.config import validate_config
     from motiondirector.data.video import content_hash
     from motiondirector.train.layout import RunLayout
@@ -397,18 +392,8 @@ def image_appearance(images: list[str | Path], caption: str, backbone: BackboneS
     root = cache_root(cache_dir) / ANIMATE_FOLDER
     run = RunLayout(root / key)
     if not (run.summary.is_file() and (run.spatial(0) / "manifest.json").is_file()):
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-        try:
+        with staged_folder(run.root) as staging:  # another process finishing it first wins
             train(config, staging, backbone=backbone, progress=progress)
-            staging.chmod(0o755)
-            if run.root.exists():  # another process finished the same LoRA first
-                shutil.rmtree(staging)
-            else:
-                staging.rename(run.root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return run.spatial(0)
 
 

@@ -20,7 +20,6 @@ are superseded and stay until `prune`, which writes one compacted commit replaci
 from __future__ import annotations
 
 import dataclasses
-import os
 import posixpath
 import re
 import uuid
@@ -47,6 +46,7 @@ from motiondirector.data.encode import (
 from motiondirector.data.errors import DataError
 from motiondirector.data.records import CacheRecord, records_to_table, table_to_records
 from motiondirector.data.sources import DatasetSpec, SourceItem
+from motiondirector.storage import normalize, publish
 
 COMMITS = "commits"
 RUNS = "runs"
@@ -108,14 +108,6 @@ class IngestSpec(BaseModel):
         return str(dataset.base or self.base)
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-def _resolve_relative(path: str, folder: Path) -> str:
-    return path if _is_url(path) or os.path.isabs(path) else os.path.normpath(folder / path)
-
-
 def _validation_message(source: str, error: ValidationError) -> str:
     problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<top>'}: {e['msg']}" for e in error.errors())
     return f"{source}: {problems}"
@@ -140,7 +132,7 @@ def load_ingest_spec(path: str | Path, *, base: str | None = None, output: str |
     if isinstance(datasets, list):
         raw["datasets"] = [_with_resolved_sources(d, folder) for d in datasets]
     if isinstance(raw.get("output"), str):
-        raw["output"] = _resolve_relative(raw["output"], folder)
+        raw["output"] = normalize(raw["output"], relative_to=folder)
     if base is not None:
         raw["base"] = base
     if output is not None:
@@ -158,7 +150,7 @@ def _with_resolved_sources(dataset: Any, folder: Path) -> Any:
     listed = [sources] if isinstance(sources, str) else sources
     if not isinstance(listed, list):
         return dataset
-    return {**dataset, "sources": [_resolve_relative(s, folder) if isinstance(s, str) else s for s in listed]}
+    return {**dataset, "sources": [normalize(s, relative_to=folder) if isinstance(s, str) else s for s in listed]}
 
 
 # --- commit manifests -------------------------------------------------------------------------------
@@ -301,7 +293,7 @@ class IngestStore:
     def write_commit(self, manifest: CommitManifest) -> str:
         """Publish a manifest: the commit point of a run. Returns its file name."""
         name = f"{manifest.committed_at:%Y%m%dT%H%M%S%f}-{manifest.run_id}.json"
-        _publish(self.fs, self.path(posixpath.join(COMMITS, name)), manifest.model_dump_json(indent=2).encode())
+        publish(self.path(posixpath.join(COMMITS, name)), manifest.model_dump_json(indent=2).encode(), self.fs)
         return name
 
     def state(self) -> CommittedState:
@@ -337,19 +329,6 @@ class IngestStore:
         return self.write_commit(CommitManifest(
             run_id=run_id, committed_at=datetime.now(UTC), records=_relocate(records, temp, folder),
             rejects=_relocate(reject_files, temp, folder), datasets=changed, summary=summary or {}))
-
-
-def _publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Make `path` appear complete or not at all: temp + rename locally, one PUT on object stores."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    from motiondirector.lora.package import atomic_write_bytes
-
-    if isinstance(fs, LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(path), data)
-    else:
-        fs.pipe_file(path, data)
 
 
 @dataclasses.dataclass
