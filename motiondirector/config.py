@@ -6,7 +6,6 @@ silently ignored setting. Defaults follow the reference configs in method.md.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from motiondirector.data.ingested import DatasetReference
+from motiondirector.data.reference import DatasetReference
 from motiondirector.data.sources import DatasetSpec
+from motiondirector.errors import describe_validation_error
 from motiondirector.lora.settings import LoraSettings
 from motiondirector.sample import SamplingSettings
 from motiondirector.storage import normalize
@@ -177,29 +177,6 @@ def _resolve_sources(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {**data, "data": {**section, "sources": resolved}}
 
 
-def _section_fields(loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the config section at `loc` (for 'did you mean' hints); [] if unknown."""
-    model: Any = TrainConfig
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = field.annotation
-    return list(getattr(model, "model_fields", {}))
-
-
-def _describe(error: dict[str, Any]) -> str:
-    loc = tuple(error["loc"])
-    key = ".".join(map(str, loc)) or "<root>"
-    if error["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(str(loc[-1]), _section_fields(loc[:-1]), n=1)
-        return f"{key}: unknown key" + (f" (did you mean {'.'.join(map(str, (*loc[:-1], hint[0])))}?)"
-                                        if hint else "")
-    if error["type"] == "missing":
-        return f"{key}: required key is missing"
-    return f"{key}: {error['msg']}"
-
-
 def validate_config(data: Any, source: str) -> TrainConfig:
     """Validate a parsed config mapping; errors name `source` and every bad key."""
     if not isinstance(data, dict):
@@ -207,8 +184,7 @@ def validate_config(data: Any, source: str) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(_describe(e) for e in error.errors())
-        raise ConfigError(f"{source}: {problems}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(error, TrainConfig)}") from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

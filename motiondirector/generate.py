@@ -33,6 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.data.records import fingerprint
+from motiondirector.errors import describe_validation_error
 from motiondirector.lora import inject
 from motiondirector.lora.inject import apply_package
 from motiondirector.lora.interop import plain_linears
@@ -313,7 +314,7 @@ def validated_params(data: dict[str, Any], source: str) -> GenerationParams:
     try:
         return GenerationParams.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in error.errors()[:5])
+        problems = describe_validation_error(error, GenerationParams, limit=5)
         raise ValueError(f"{source}: invalid generation parameters ({problems})") from None
 
 

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
+from motiondirector.errors import describe_validation_error
 from motiondirector.lora.settings import LoraSettings, state_dict_modules
 from motiondirector.storage import atomic_output, atomic_write
 
@@ -120,7 +121,7 @@ def parse_manifest(data: bytes | str, source: str = MANIFEST) -> Manifest:
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in error.errors()[:5])
+        problems = describe_validation_error(error, Manifest, limit=5)
         raise PackageError(f"{source}: invalid manifest ({problems})") from error
 
 

@@ -162,7 +162,7 @@ def load_training_records(config: TrainConfig, backbone: BackboneSpec, progress:
     """The data section -> cache records (encoded once and cached; see docs/data.md), or a `dataset:`
     reference's committed ingest output (docs/ingest.md: no VAE in the loop)."""
     from motiondirector.data.cache import load_records
-    from motiondirector.data.ingested import DatasetReference
+    from motiondirector.data.reference import DatasetReference
 
     if isinstance(config.data, DatasetReference):
         return config.data.load(vae_id=backbone.vae_id)
