@@ -32,9 +32,9 @@ from motiondirector.lora.package import (
     Manifest,
     PackageError,
     read_package,
-    sha256_file,
     write_package,
 )
+from motiondirector.storage import sha256_file
 from motiondirector.train.layout import TRAINING_STATE, RunLayout
 
 TARGETS = ["down.0.attn.to_q", "down.0.attn.to_v"]

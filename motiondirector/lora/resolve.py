@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from motiondirector.lora.package import MANIFEST, LoraKind, PackageError
+from motiondirector.storage import local_path
 from motiondirector.train.layout import RunLayout, split_reference
 
 _ROLE = {"temporal": "--motion", "spatial": "--appearance"}
@@ -56,14 +57,14 @@ def resolve_lora(reference: str | Path, kind: LoraKind, catalog: LoraCatalog | N
 def _split_checkpoint(text: str) -> tuple[Path, int | None, str]:
     """`RUN@step-<n>[/spatial/<k>]` -> (RUN, n, 'spatial/<k>'); anything else -> (path, None, '')."""
     if "@" not in text:
-        return Path(text).expanduser(), None, ""
+        return local_path(text), None, ""
     head, _, tail = text.rpartition("@")
     step_part, _, inner = tail.partition("/")
     try:
         run, step = split_reference(f"{head}@{step_part}")
     except ValueError as error:
         raise PackageError(str(error)) from None
-    return run.expanduser(), step, inner
+    return local_path(run), step, inner
 
 
 def _package_in_run(run: RunLayout, kind: LoraKind, text: str) -> Path:

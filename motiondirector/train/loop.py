@@ -42,8 +42,9 @@ from motiondirector.events import (
     emit,
 )
 from motiondirector.lora.inject import Router
-from motiondirector.lora.package import BaseModelRef, Manifest, atomic_write_bytes
+from motiondirector.lora.package import BaseModelRef, Manifest
 from motiondirector.sample import latent_shape, sample_videos
+from motiondirector.storage import atomic_write
 from motiondirector.train.checkpoint import (
     load_packages,
     read_training_state,
@@ -161,7 +162,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a crash mid-write
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    atomic_write(path, "".join(line + "\n" for line in kept).encode())
 
 
 # --- records -------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def load_training_records(config: TrainConfig, backbone: BackboneSpec,
     """The data section -> cache records (encoded once and cached; see docs/data.md), or a `dataset:`
     reference's committed ingest output (docs/ingest.md: no VAE in the loop)."""
     from motiondirector.data.cache import load_records
-    from motiondirector.data.ingested import DatasetReference
+    from motiondirector.data.reference import DatasetReference
 
     if isinstance(config.data, DatasetReference):
         return config.data.load(vae_id=backbone.vae_id)
@@ -410,7 +411,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
     plan = plan_adapters(config, records, backbone)
     engine = engine if engine is not None else make_engine(config.engine)
     layout.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(layout.config, config.to_yaml().encode())
+    atomic_write(layout.config, config.to_yaml().encode())
     layout.summary.unlink(missing_ok=True)  # the run is incomplete until it is rewritten
 
     unet = backbone.unet
@@ -442,6 +443,6 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
         checkpoints=layout.checkpoint_steps(),
         samples=sorted(str(p) for p in layout.samples.glob("*")) if layout.samples.is_dir() else [],
         seconds=round(time.perf_counter() - began, 3))
-    atomic_write_bytes(layout.summary, json.dumps(summary.to_json(), indent=2).encode())
+    atomic_write(layout.summary, json.dumps(summary.to_json(), indent=2).encode())
     emit(observers, TrainFinished(str(layout.root), config.steps, dict(summary.losses), summary.seconds))
     return summary
