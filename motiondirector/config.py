@@ -105,6 +105,7 @@ class TrainConfig(_Section):
     ad_beta: float = Field(1.0, ge=0.0)
     mixed_precision: Precision = Field("auto", description="auto: bf16 (fp16 without bf16) on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = True
+    gradient_accumulation: int = Field(1, ge=1, description="Draws per rank averaged into each optimizer step.")
     checkpoint_every: int = Field(50, ge=0, description="0: checkpoints only when interrupted.")
     validation: ValidationSection = Field(default_factory=ValidationSection)
     log_every: int = Field(1, ge=1)
