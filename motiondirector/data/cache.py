@@ -113,6 +113,7 @@ def load_records(spec: DatasetSpec, backbone, cache_dir: str | os.PathLike | Non
     encoding their clips. Raises DataError naming the file for a bad source (zero-byte, corrupt, too
     short, ...).
     """
+    spec = spec.with_model_defaults(backbone.defaults)
     vae_id, text_encoder_id = backbone.vae_id, backbone.text_encoder_id
     store = _Store(cache_root(cache_dir) / RECORDS_DIR)
     folder = store.records_dir / dataset_folder_name(spec.name)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import yaml
 
-from motiondirector.backbones import load_backbone, resolve_device
+from motiondirector.backbones import defaults_for, load_backbone, resolve_device
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.config import ConfigError, TrainConfig, validate_config
 from motiondirector.data.records import CacheRecord
@@ -444,6 +444,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
     """
     began = time.perf_counter()
     ranks = resolve_ranks(rank, world_size)
+    config = config.with_model_defaults(backbone.defaults if backbone is not None else defaults_for(config.base))
     layout = RunLayout(Path(out_dir))
     start = ranks.on_main(lambda: prepare_run_folder(layout, config, resume=resume, overwrite=overwrite))
     device = backbone.device if backbone is not None else resolve_device(config.device)
