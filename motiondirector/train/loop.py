@@ -122,8 +122,19 @@ def _rng_devices(device: torch.device) -> list[torch.device]:
 
 # --- the run folder -----------------------------------------------------------------------------
 
-def _comparable(config: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+def _comparable(config: TrainConfig, mode_unset: bool) -> dict[str, Any]:
+    """What must not change on --resume. An unset mode follows the data (known only once the records are
+    loaded): it is compared with the previous run's by `check_resumed_mode`."""
+    skip = RESUMABLE_CHANGES | ({"mode"} if mode_unset else set())
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in skip}
+
+
+def check_resumed_mode(layout: RunLayout, config: TrainConfig) -> None:
+    """A resumed run whose mode came from the data must get the mode the run folder trained in."""
+    previous = validate_config(yaml.safe_load(layout.config.read_text()), str(layout.config))
+    if previous.mode != config.mode:
+        raise RunFolderError(f"{layout.root}: cannot --resume with a different config; changed: mode "
+                             f"({previous.mode} in {layout.config.name}, {config.mode} from the data)")
 
 
 def prepare_run_folder(layout: RunLayout, config: TrainConfig, *, resume: bool, overwrite: bool) -> int | None:
@@ -147,7 +158,8 @@ def prepare_run_folder(layout: RunLayout, config: TrainConfig, *, resume: bool, 
         previous = validate_config(yaml.safe_load(layout.config.read_text()), str(layout.config))
     except ConfigError as error:
         raise RunFolderError(f"cannot --resume: {error}") from None
-    before, now = _comparable(previous), _comparable(config)
+    mode_unset = config.mode is None
+    before, now = _comparable(previous, mode_unset), _comparable(config, mode_unset)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         raise RunFolderError(f"{root}: cannot --resume with a different config; changed: {', '.join(changed)} "
@@ -456,6 +468,10 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
     if records is None:
         records = load_training_records(config, backbone, observers)
     check_records(records, backbone)
+    unset_mode = config.mode is None
+    config = config.with_data_kind(images=all(r.is_image for r in records))
+    if unset_mode and start is not None:
+        ranks.on_main(lambda: check_resumed_mode(layout, config))
     plan = plan_adapters(config, records, backbone)
     engine = engine if engine is not None else make_engine(config.engine)
     if ranks.is_main:
