@@ -17,7 +17,7 @@ from motiondirector.backbones.base import BackboneSpec
 from motiondirector.data.records import fingerprint
 from motiondirector.events import Observer
 from motiondirector.generate import GeneratedVideo, GenerationParams, LoraChoice, generate
-from motiondirector.lora.resolve import LoraCatalog
+from motiondirector.train.resolve import LoraCatalog
 from motiondirector.storage import cache_root, staged_folder
 
 # Single-frame steps need little activation memory, so no gradient checkpointing (its recompute

@@ -43,9 +43,9 @@ from motiondirector.lora.package import (
     Manifest,
     PackageError,
 )
-from motiondirector.lora.resolve import LoraCatalog, resolve_lora
 from motiondirector.sample import SamplingSettings, ddim_invert, latent_shape, sample_videos
 from motiondirector.storage import atomic_write, cache_root, local_path, sha256_file
+from motiondirector.train.resolve import LoraCatalog, resolve_lora
 
 SIDECAR_SCHEMA_VERSION = 1
 NOISE_PRIOR_INVERSION_STEPS = 50

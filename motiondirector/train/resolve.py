@@ -8,8 +8,10 @@ A reference is one of
     RUN@step-<n>        the same inside checkpoint n (RUN@step-<n>/spatial/<k> for one of several)
     ID                  a catalog entry, when a catalog is given (anything that is not a local path)
 
-Only the folder is chosen here; whether its kind and base fit is checked when it is loaded
-(`package.check_compatible`), so the message can name both the package and the model.
+It lives with the run-folder layout (train/layout.py) because RUN and RUN@step-<n> are that layout;
+packages alone (lora/) know nothing of runs. Only the folder is chosen here; whether its kind and
+base fit is checked when it is loaded (`package.check_compatible`), so the message can name both
+the package and the model.
 """
 
 from __future__ import annotations
