@@ -64,7 +64,7 @@ def test_training_on_the_highest_timesteps_of_a_zero_snr_v_model(tmp_path):
     config = TinyModelConfig(prediction_type="v_prediction", zero_terminal_snr=True, timestep_spacing="trailing")
     backbone = load_backbone(str(write_tiny_model(tmp_path / "v", config)), "cpu")
     summary = train(make_config("steps=6", "timesteps.high_share=1", "timesteps.high_from=990"), tmp_path / "run",
-                    backbone=backbone, records=synthetic_records(backbone), progress=False)
+                    backbone=backbone, records=synthetic_records(backbone))
     entries = logged(tmp_path / "run")
     assert len(entries) == 6 and all(990 <= e["timestep"] < 1000 for e in entries)
     assert all(0 < e["loss_org"] < 100 for e in entries) and summary.steps == 6
@@ -76,11 +76,12 @@ def test_guard_compares_the_recent_mean_with_the_early_mean():
     guard = DivergenceGuard(factor=5.0, window=4, hint="; lower it")
     healthy = [0.07, 0.06, 0.065, 0.06] + [0.05, 0.2, 0.04, 0.06] * 3  # noisy, never 5x the start on average
     for step, value in enumerate(healthy, 1):
-        guard.observe(step, {"loss_org": value, "loss_spatial": 0.1})
-    with pytest.raises(TrainingDiverged) as caught:
-        for step, value in enumerate([0.3, 0.6, 0.63, 0.7], len(healthy) + 1):
-            guard.observe(step, {"loss_org": value, "loss_spatial": 0.1})
-    error = caught.value
+        assert guard.observe(step, {"loss_org": value, "loss_spatial": 0.1}) is None
+    for step, value in enumerate([0.3, 0.6, 0.63, 0.7], len(healthy) + 1):
+        error = guard.observe(step, {"loss_org": value, "loss_spatial": 0.1})
+        if error is not None:
+            break
+    assert isinstance(error, TrainingDiverged)
     assert error.loss == "loss_org" and error.step == len(healthy) + 3  # recent mean (0.06+0.3+0.6+0.63)/4 > 5 × 0.0638
     text = str(error)
     assert "loss_org" in text and "early mean 0.06375" in text and f"step {error.step}" in text
@@ -88,9 +89,9 @@ def test_guard_compares_the_recent_mean_with_the_early_mean():
     # State round trip (checkpoints): a restored guard decides the same.
     restored = DivergenceGuard(factor=5.0, window=4)
     restored.load_state_dict(guard.state_dict())
-    with pytest.raises(TrainingDiverged):
-        restored.observe(99, {"loss_org": 0.7})
-    DivergenceGuard(factor=5.0, window=4, enabled=False).observe(1, {"loss_org": float("nan")})
+    assert isinstance(restored.observe(99, {"loss_org": 0.7}), TrainingDiverged)
+    off = DivergenceGuard(factor=5.0, window=1, enabled=False)
+    assert off.observe(1, {"loss_org": float("nan")}) is None
 
 
 def test_huge_learning_rate_stops_the_run_and_the_guard_can_be_switched_off(tiny_backbone, tmp_path):
@@ -98,10 +99,10 @@ def test_huge_learning_rate_stops_the_run_and_the_guard_can_be_switched_off(tiny
     # Measured on the tiny model: lr 15 turns the loss to NaN after ~4 steps (lr ≤ 3 stays near 1).
     with pytest.raises(TrainingDiverged, match=r"loss_org .*lower optimizer.lr \(now 15\) or lora.rank \(now 4\)"):
         train(make_config("steps=30", "optimizer.lr=15", "divergence.window=3"), tmp_path / "huge",
-              backbone=tiny_backbone, records=records, progress=False)
+              backbone=tiny_backbone, records=records)
     assert not (tmp_path / "huge" / "summary.json").exists()  # the run is not reported as complete
     summary = train(make_config("steps=8", "optimizer.lr=15", "divergence.window=3", "divergence.enabled=false"),
-                    tmp_path / "off", backbone=tiny_backbone, records=records, progress=False)
+                    tmp_path / "off", backbone=tiny_backbone, records=records)
     assert summary.steps == 8
 
 

@@ -109,7 +109,7 @@ def report_command(
     import torch
 
     from motiondirector.backbones import load_backbone
-    from motiondirector.lora.package import atomic_write_bytes
+    from motiondirector.storage import atomic_write
     from motiondirector.toyworld.evaluate import (
         TOY_SAMPLING,
         base_quality_report,
@@ -128,8 +128,8 @@ def report_command(
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             samples = report.pop("samples")
-            atomic_write_bytes(out / "report.md", markdown.encode())
-            atomic_write_bytes(out / "report.json", json.dumps(report, indent=2, default=str).encode())
+            atomic_write(out / "report.md", markdown.encode())
+            atomic_write(out / "report.json", json.dumps(report, indent=2, default=str).encode())
             first = torch.stack([s.frames for s in samples[:16]])
             write_grid_png(first.reshape(-1, *first.shape[2:]), out / "samples.png", columns=first.shape[1])
         if docs is not None:

@@ -186,7 +186,7 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
                 try:
                     summary = train(train_config(settings, backbone, mode, videos, reference.caption),
                                     out / "runs" / f"{videos}v-{mode}", overwrite=True, backbone=backbone,
-                                    records=records, progress=False)
+                                    records=records)
                 except TrainingDiverged as diverged:  # a row that says so, not a lost benchmark
                     on_stage(f"{label}: {mode}: {diverged}")
                     add({"setting": label, "mode": mode, "diverged": str(diverged), "metrics": {}})
