@@ -53,25 +53,42 @@ def render_command(
 
 @app.command("pretrain")
 def pretrain_command(
-    out: Annotated[Path, typer.Option("--out", help="Work folder: autoencoder, latent pool, checkpoints, logs.")],
+    out: Annotated[Path, typer.Option("--out", help="Work folder: latent pool, checkpoints, logs.")],
     minutes: Annotated[float, typer.Option("--minutes", min=0.0, help="Denoiser training time in this run.")] = 60.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop at this total step.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop at this step (of the stage).")] = None,
     export: Annotated[Path | None, typer.Option(
         "--export", help="Where the diffusers folder goes; default: the embedded `toy` model folder.")] = None,
+    stage: Annotated[str, typer.Option(
+        "--stage", help="zero-snr: continue a model folder's weights on the zero-terminal-SNR v-prediction "
+                        "schedule (how the shipped model is built); scratch: the v1 epsilon recipe from random "
+                        "weights (autoencoder, pool, denoiser).")] = "zero-snr",
+    init: Annotated[Path | None, typer.Option(
+        "--init", help="zero-snr stage: model folder to warm-start from (default: the embedded `toy` model; a "
+                       "zero-SNR export continues its recorded step count).")] = None,
     threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch.")] = 2,
+    export_minutes: Annotated[float, typer.Option(
+        "--export-minutes", min=0.0, help="zero-snr stage: also export every this many minutes (0: at the end).")] = 0.0,
     high_noise_share: Annotated[float, typer.Option(
         "--high-noise-share", min=0.0, max=1.0,
         help="Share of each batch drawn from the noisier half of the timesteps.")] = 0.5,
     high_noise_weight: Annotated[float, typer.Option(
-        "--high-noise-weight", min=1.0, help="Cap of the extra loss weight 1/SNR at high noise (1 = none).")] = 10.0,
+        "--high-noise-weight", min=1.0, help="scratch stage: cap of the extra loss weight 1/SNR at high noise.")] = 10.0,
 ) -> None:
-    """Pretrain the toy base model (autoencoder, then UNet3D + text encoder); resumable in chunks."""
+    """Pretrain the toy base model; resumable in chunks (see docs/toyworld.md for the shipped recipe)."""
     from dataclasses import replace
 
-    from motiondirector.toyworld.pretrain import EMBEDDED_MODEL_FOLDER, PretrainSettings, pretrain
+    from motiondirector.toyworld.pretrain import (
+        EMBEDDED_MODEL_FOLDER,
+        PretrainSettings,
+        ZeroSnrSettings,
+        pretrain,
+        zero_snr_pretrain,
+    )
 
     with reported_errors(), _progress() as progress:
+        if stage not in ("zero-snr", "scratch"):
+            raise ValueError(f"--stage {stage!r}: expected zero-snr or scratch")
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: int, total: int) -> None:
@@ -80,11 +97,16 @@ def pretrain_command(
                 tasks[stage] = progress.add_task(stage + unit, total=total)
             progress.update(tasks[stage], completed=done)
 
-        recipe = pretrain(out, minutes=minutes, resume=resume, max_steps=max_steps,
-                          export_to=export or EMBEDDED_MODEL_FOLDER,
-                          settings=replace(PretrainSettings(), threads=threads, high_noise_share=high_noise_share,
-                                           high_noise_weight=high_noise_weight),
-                          echo=lambda message: console.print(message, highlight=False), on_progress=on_progress)
+        common = {"minutes": minutes, "resume": resume, "max_steps": max_steps,
+                  "export_to": export or EMBEDDED_MODEL_FOLDER,
+                  "echo": lambda message: console.print(message, highlight=False), "on_progress": on_progress}
+        if stage == "zero-snr":
+            recipe = zero_snr_pretrain(out, init=init or EMBEDDED_MODEL_FOLDER, **common, settings=replace(
+                ZeroSnrSettings(), threads=threads, high_noise_share=high_noise_share, export_minutes=export_minutes))
+        else:
+            recipe = pretrain(out, **common, settings=replace(
+                PretrainSettings(), threads=threads, high_noise_share=high_noise_share,
+                high_noise_weight=high_noise_weight))
     console.print(f"exported step {recipe['denoiser_steps']} to {export or EMBEDDED_MODEL_FOLDER}")
 
 
