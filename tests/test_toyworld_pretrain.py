@@ -90,7 +90,12 @@ def test_zero_snr_stage_warm_starts_resumes_and_continues_from_its_export(tmp_pa
     from dataclasses import replace
 
     from motiondirector.backbones.tiny import write_tiny_model
-    from motiondirector.toyworld.pretrain import MODEL_DEFAULTS, ZERO_SNR_STAGE, ZeroSnrSettings, zero_snr_pretrain
+    from motiondirector.toyworld.pretrain import (
+        MODEL_DEFAULTS,
+        ZERO_SNR_STAGE,
+        ZeroSnrSettings,
+        zero_snr_pretrain,
+    )
 
     init = write_tiny_model(tmp_path / "v1", TinyModelConfig(vae_channels=(8, 16, 16), words=world_words()))
     settings = ZeroSnrSettings(pool_seeds_per_scene=1, batch=2, checkpoint_minutes=1e9, probe_minutes=1e9, threads=1)

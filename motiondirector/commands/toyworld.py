@@ -211,6 +211,76 @@ def benchmark_command(
         console.print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, grids and gifs in {out}")
 
 
+@app.command("diagnose")
+def diagnose_command(
+    base: Annotated[str, typer.Option("--base", help="Model to diagnose.")] = "toy",
+    probes: Annotated[list[str] | None, typer.Option(
+        "--probe", help="leak, accuracy or steer; repeat for several (default: all three).")] = None,
+    leak_clips: Annotated[int, typer.Option("--leak-clips", min=1, help="(a) noised clips.")] = 32,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="(b) seeds per directional motion.")] = 32,
+    steer_seeds: Annotated[int, typer.Option("--steer-seeds", min=1, help="(c) seeds, base and LoRA.")] = 32,
+    steer_prompt: Annotated[str, typer.Option("--steer-prompt", help="(c) the training clip's caption.")] = (
+        "a red circle moving right on a grey background"),
+    steer_mode: Annotated[str, typer.Option("--steer-mode", help="(c) coupled or dual_path.")] = "dual_path",
+    steer_steps: Annotated[int, typer.Option("--steer-steps", min=1, help="(c) LoRA training steps.")] = 300,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = 20,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for diagnose.json/.md, a grid and the LoRA run (default: a temporary folder).")] = None,
+    docs: Annotated[Path | None, typer.Option(
+        "--docs", help="Also replace the diagnose section of this markdown file (docs/toyworld.md).")] = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Does the base's motion follow the words? Direction leak, direction accuracy, LoRA steerability."""
+    import json
+    import tempfile
+    from dataclasses import replace
+
+    from motiondirector.backbones import load_backbone
+    from motiondirector.lora.package import atomic_write_bytes
+    from motiondirector.toyworld.diagnose import (
+        DiagnoseSettings,
+        diagnose,
+        diagnose_markdown,
+        grid_rows,
+        without_samples,
+    )
+    from motiondirector.toyworld.evaluate import TOY_SAMPLING, replace_docs_section
+    from motiondirector.video_io import write_grid_png
+
+    with reported_errors(), tempfile.TemporaryDirectory(prefix="toyworld-diagnose-") as scratch:
+        chosen = tuple(dict.fromkeys(probes or ("leak", "accuracy", "steer")))
+        unknown = [p for p in chosen if p not in ("leak", "accuracy", "steer")]
+        if unknown:
+            raise ValueError(f"--probe {', '.join(unknown)}: expected leak, accuracy or steer")
+        if steer_mode not in ("coupled", "dual_path", "dual_path_no_ad"):
+            raise ValueError(f"--steer-mode {steer_mode!r}: expected coupled, dual_path or dual_path_no_ad")
+        settings = DiagnoseSettings(leak_clips=leak_clips, seeds=seeds, steer_seeds=steer_seeds,
+                                    steer_prompt=steer_prompt, steer_mode=steer_mode, steer_steps=steer_steps,
+                                    seed=seed, sampling=replace(TOY_SAMPLING, guidance=guidance, steps=steps))
+        backbone = load_backbone(base, device)
+        folder = out or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        result = diagnose(backbone, settings, folder, probes=chosen,
+                          on_stage=lambda stage: console.print(f"diagnose: {stage}", highlight=False))
+        markdown = diagnose_markdown(result, _invocation("diagnose"))
+        plain = without_samples(result)
+        if out is not None:
+            atomic_write_bytes(out / "diagnose.md", markdown.encode())
+            atomic_write_bytes(out / "diagnose.json", json.dumps(plain, indent=2, default=str).encode())
+            grid = grid_rows(result)
+            if grid is not None:
+                write_grid_png(grid.reshape(-1, *grid.shape[2:]), out / "diagnose.png", columns=grid.shape[1])
+        if docs is not None:
+            replace_docs_section(docs, "diagnose", markdown)
+    if as_json:
+        print_json(plain)
+    else:
+        sys.stdout.write(markdown)
+
+
 def _invocation(command: str) -> str:
     """The command line as typed (for the docs), starting at the sub-command."""
     args = sys.argv[sys.argv.index(command) + 1:] if command in sys.argv else []
