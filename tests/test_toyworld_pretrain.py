@@ -98,7 +98,8 @@ def test_zero_snr_stage_warm_starts_resumes_and_continues_from_its_export(tmp_pa
     )
 
     init = write_tiny_model(tmp_path / "v1", TinyModelConfig(vae_channels=(8, 16, 16), words=world_words()))
-    settings = ZeroSnrSettings(pool_seeds_per_scene=1, batch=2, checkpoint_minutes=1e9, probe_minutes=1e9, threads=1)
+    settings = ZeroSnrSettings(pool_seeds_per_scene=1, batch=2, checkpoint_minutes=1e9, probe_minutes=1e9, threads=1,
+                               pool_motions=("left", "right"))
     work, model = tmp_path / "work", tmp_path / "model"
     quiet = {"echo": lambda message: None, "minutes": 10}
     first = zero_snr_pretrain(work, init=init, max_steps=2, export_to=model, settings=settings, **quiet)

@@ -130,9 +130,10 @@ def train_autoencoder(vae, settings: PretrainSettings, log: Callable[[str], None
 # --- stage 2: latent pool ------------------------------------------------------------------
 
 @torch.no_grad()
-def build_pool(vae, settings: PretrainSettings, on_step: Callable[[int, int], None]) -> dict:
-    """Encode every pretraining scene at several seeds; latents stay unscaled until training."""
-    scenes = all_scenes(PRETRAIN_MOTIONS)
+def build_pool(vae, settings: PretrainSettings, on_step: Callable[[int, int], None],
+               motions: tuple[str, ...] = PRETRAIN_MOTIONS) -> dict:
+    """Encode every scene of `motions` at several seeds; latents stay unscaled until training."""
+    scenes = all_scenes(motions)
     items = [(index, seed) for index in range(len(scenes)) for seed in range(settings.pool_seeds_per_scene)]
     latents = []
     for done, (index, seed) in enumerate(items):
@@ -213,6 +214,61 @@ def quality_probe(components: dict, prompts: list[Scene], seed: int, steps: int 
         reference = render(scene, frames=FRAMES, size=SIZE, seed=seed + index).trajectory
         scores["fidelity"].append(motion_fidelity(found.trajectory, reference))
     return {name: round(mean_ci(values)[0], 4) for name, values in scores.items()}
+
+
+def _draw_batch(latents: torch.Tensor, scene_index: torch.Tensor, caption_ids: torch.Tensor, empty_id: int,
+                settings, scheduler, rng: torch.Generator):
+    """One training batch from the pool: clean latents, noise, timesteps, noisy latents, caption ids
+    (a `caption_dropout` share of them emptied for classifier-free guidance)."""
+    index = torch.randint(0, len(latents), (settings.batch,), generator=rng)
+    clean = latents[index]
+    ids = caption_ids[scene_index[index]]
+    dropped = torch.rand(settings.batch, generator=rng) < settings.caption_dropout
+    ids[dropped] = caption_ids[empty_id]
+    noise = torch.randn(clean.shape, generator=rng)
+    timesteps = draw_timesteps(settings.batch, scheduler.config.num_train_timesteps, settings.high_noise_share, rng)
+    return clean, noise, timesteps, scheduler.add_noise(clean, noise, timesteps), ids
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer, parameters: list, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
+def _write_probe(out: Path, components: dict, scenes: list[Scene], step: int, seconds: float,
+                 log: Callable[[str], None]) -> None:
+    scores = quality_probe(components, scenes, seed=step)
+    with open(out / "probes.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": step, "minutes": round(seconds / 60, 1), **scores}) + "\n")
+    log(f"probe at step {step}: {scores}")
+
+
+def _training_loop(step: int, seconds: float, *, minutes: float, max_steps: int | None,
+                   train_step: Callable[[int], float], every: list[tuple[float, Callable[[int, float], None]]],
+                   log: Callable[[str], None], progress: Callable[[str, int, int], None]) -> tuple[int, float]:
+    """Call `train_step(step)` until `minutes` pass or `max_steps` is reached; each (period, callback)
+    of `every` runs every `period` minutes with (step, training seconds). Returns (step, seconds)."""
+    budget = minutes * 60
+    session_start = time.time()
+    last = [session_start] * len(every)
+    losses: list[float] = []
+    while time.time() - session_start < budget and (max_steps is None or step < max_steps):
+        tick = time.time()
+        losses.append(train_step(step))
+        step += 1
+        seconds += time.time() - tick
+        progress("denoiser", int(time.time() - session_start), int(budget))
+        if step % 50 == 0:
+            log(f"step {step} loss {np.mean(losses[-50:]):.4f} ({seconds / step:.2f} s/step)")
+        for index, (period, callback) in enumerate(every):
+            if time.time() - last[index] > period * 60:
+                callback(step, seconds)
+                last[index] = time.time()
+    return step, seconds
 
 
 def _components_from_state(settings: PretrainSettings, state: dict) -> dict:
@@ -315,48 +371,31 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
     probe_scenes = [all_scenes(PRETRAIN_MOTIONS)[i] for i in
                     torch.randperm(len(all_scenes(PRETRAIN_MOTIONS)), generator=torch.Generator().manual_seed(1))
                     [:settings.probe_prompts].tolist()]
-    budget = minutes * 60
-    session_start = last_save = last_probe = time.time()
-    unet.train()
-    text_encoder.train()
-    losses: list[float] = []
-    while time.time() - session_start < budget and (max_steps is None or step < max_steps):
-        tick = time.time()
-        index = torch.randint(0, len(latents), (settings.batch,), generator=rng)
-        clean = latents[index]
-        ids = caption_ids[pool["scene_index"][index]]
-        dropped = torch.rand(settings.batch, generator=rng) < settings.caption_dropout
-        ids[dropped] = caption_ids[empty_id]
-        noise = torch.randn(clean.shape, generator=rng)
-        timesteps = draw_timesteps(settings.batch, scheduler.config.num_train_timesteps, settings.high_noise_share, rng)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        text = text_encoder(ids)[0]
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
+
+    def train_step(step: int) -> float:
+        clean, noise, timesteps, noisy, ids = _draw_batch(latents, pool["scene_index"], caption_ids, empty_id,
+                                                          settings, scheduler, rng)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3, 4))
         loss = (per_sample * loss_weights(scheduler, timesteps, settings.min_snr_gamma,
                                           settings.high_noise_weight)).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        step += 1
-        ema.update(trained, step)
-        unet_seconds += time.time() - tick
-        losses.append(loss.item())
-        progress("denoiser", int(time.time() - session_start), int(budget))
-        if step % 50 == 0:
-            log(f"step {step} loss {np.mean(losses[-50:]):.4f} ({unet_seconds / step:.2f} s/step)")
-        if time.time() - last_save > settings.checkpoint_minutes * 60:
-            save_checkpoint()
-            last_save = time.time()
-        if time.time() - last_probe > settings.probe_minutes * 60:
-            scores = quality_probe(ema_components(), probe_scenes, seed=step)
-            with open(out / "probes.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": step, "minutes": round(unet_seconds / 60, 1), **scores}) + "\n")
-            log(f"probe at step {step}: {scores}")
-            last_probe = time.time()
+        _optimizer_step(loss, optimizer, parameters, settings.lr * min(1.0, (step + 1) / settings.warmup_steps))
+        ema.update(trained, step + 1)
+        return loss.item()
+
+    def write_probe(step: int, seconds: float) -> None:
+        _write_probe(out, ema_components(), probe_scenes, step, seconds, log)
+
+    def save(step_now: int, seconds_now: float) -> None:
+        nonlocal step, unet_seconds
+        step, unet_seconds = step_now, seconds_now
+        save_checkpoint()
+
+    unet.train()
+    text_encoder.train()
+    step, unet_seconds = _training_loop(step, unet_seconds, minutes=minutes, max_steps=max_steps, train_step=train_step,
+                                        every=[(settings.checkpoint_minutes, save), (settings.probe_minutes, write_probe)],
+                                        log=log, progress=progress)
     save_checkpoint()
     recipe = {
         "builder": "motiondirector.toyworld.pretrain", "seed": settings.seed, "denoiser_steps": step,
@@ -425,6 +464,7 @@ class ZeroSnrSettings:
     checkpoint_minutes: float = 4.0
     probe_minutes: float = 20.0
     probe_prompts: int = 16
+    pool_motions: tuple[str, ...] = PRETRAIN_MOTIONS  # all of them; fewer only for tests
     # Also export the EMA weights every this many minutes while training (0: only at the end).
     export_minutes: float = 0.0
     threads: int = 2
@@ -513,10 +553,10 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
         pool = torch.load(pool_path, weights_only=True)
     else:
         started = time.time()
-        pool = build_pool(vae, settings, lambda d, t: progress("latent pool", d, t))
+        pool = build_pool(vae, settings, lambda d, t: progress("latent pool", d, t), settings.pool_motions)
         pool["seconds"] = time.time() - started
         _atomic_torch_save(pool, pool_path)
-        log(f"pool: {len(pool['latents'])} clips of {', '.join(PRETRAIN_MOTIONS)} in {pool['seconds'] / 60:.1f} min")
+        log(f"pool: {len(pool['latents'])} clips of {', '.join(settings.pool_motions)} in {pool['seconds'] / 60:.1f} min")
     latents = pool["latents"] * scaling
     tokenizer = components["tokenizer"]
     caption_ids = tokenizer(pool["captions"] + [""], padding="max_length", max_length=tokenizer.model_max_length,
@@ -576,51 +616,38 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
             log(f"exported stage step {step} to {export_to}; text feature gaps {recipe['stages'][-1]['text_feature_gaps_l2']}")
         return recipe
 
-    budget = minutes * 60
-    session_start = last_save = last_probe = last_export = time.time()
-    unet.train()
-    text_encoder.train()
-    losses: list[float] = []
-    while time.time() - session_start < budget and (max_steps is None or step < max_steps):
-        tick = time.time()
-        index = torch.randint(0, len(latents), (settings.batch,), generator=rng)
-        clean = latents[index]
-        ids = caption_ids[pool["scene_index"][index]]
-        dropped = torch.rand(settings.batch, generator=rng) < settings.caption_dropout
-        ids[dropped] = caption_ids[empty_id]
-        noise = torch.randn(clean.shape, generator=rng)
-        timesteps = draw_timesteps(settings.batch, scheduler.config.num_train_timesteps, settings.high_noise_share, rng)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
+    def train_step(step: int) -> float:
+        clean, noise, timesteps, noisy, ids = _draw_batch(latents, pool["scene_index"], caption_ids, empty_id,
+                                                          settings, scheduler, rng)
         target = scheduler.get_velocity(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3, 4))
         loss = (per_sample * v_loss_weights(scheduler, timesteps, settings.snr_gamma)).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * min(1.0, (step - warmup_from + 1) / settings.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        step += 1
-        ema.update(trained, step)
-        seconds += time.time() - tick
-        losses.append(loss.item())
-        progress("denoiser", int(time.time() - session_start), int(budget))
-        if step % 50 == 0:
-            log(f"step {step} loss {np.mean(losses[-50:]):.4f} ({seconds / max(step, 1):.2f} s/step overall)")
-        if time.time() - last_save > settings.checkpoint_minutes * 60:
-            save_checkpoint()
-            last_save = time.time()
-        if time.time() - last_probe > settings.probe_minutes * 60:
-            scores = quality_probe(ema_components(), probe_scenes, seed=step)
-            with open(out / "probes.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": step, "minutes": round(seconds / 60, 1), **scores}) + "\n")
-            log(f"probe at step {step}: {scores}")
-            last_probe = time.time()
-        if settings.export_minutes and time.time() - last_export > settings.export_minutes * 60:
-            save_checkpoint()
-            export_now()
-            last_save = last_export = time.time()
+        _optimizer_step(loss, optimizer, parameters,
+                        settings.lr * min(1.0, (step - warmup_from + 1) / settings.warmup_steps))
+        ema.update(trained, step + 1)
+        return loss.item()
+
+    def write_probe(step_now: int, seconds_now: float) -> None:
+        _write_probe(out, ema_components(), probe_scenes, step_now, seconds_now, log)
+
+    def save_and_export(step_now: int, seconds_now: float) -> None:
+        nonlocal step, seconds
+        step, seconds = step_now, seconds_now
+        save_checkpoint()
+        export_now()
+
+    def save(step_now: int, seconds_now: float) -> None:
+        nonlocal step, seconds
+        step, seconds = step_now, seconds_now
+        save_checkpoint()
+
+    unet.train()
+    text_encoder.train()
+    step, seconds = _training_loop(step, seconds, minutes=minutes, max_steps=max_steps, train_step=train_step,
+                                   every=[(settings.checkpoint_minutes, save), (settings.probe_minutes, write_probe),
+                                          (settings.export_minutes or math.inf, save_and_export)],
+                                   log=log, progress=progress)
     save_checkpoint()
     return export_now()
 
