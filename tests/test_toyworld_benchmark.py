@@ -79,6 +79,7 @@ def test_benchmark_runs_every_mode_and_setting(toy_like, tmp_path):
     table = (tmp_path / "benchmark.md").read_text()
     assert table.count("| dual_path |") == 4 and "motion fidelity" in table  # the motion and the attribute table
     assert "distinctive corr." in table and "y corr." in table and "colour leak" in table
+    assert "one object per frame" in table
     assert (tmp_path / "grid-1-video.png").is_file() and (tmp_path / "gifs" / "2v-dual_path.gif").is_file()
     assert (tmp_path / "runs" / "2v-dual_path" / "temporal").is_dir()
 
@@ -105,6 +106,7 @@ def test_report_command_writes_docs_section(toy_like_dir, tmp_path):
     assert "| pretraining motions |" in text and "toyworld report" in text
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["prompts"] == 2 and report["held_out_prompts"] == 1
+    assert "one object per frame" in text and 0.0 <= report["pretrain_motions"]["one_object"][0] <= 1.0
 
 
 def test_render_command(tmp_path):

@@ -218,7 +218,8 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
 
 MOTION_COLUMNS = (("motion_fidelity", "motion fidelity"), ("fidelity", "axes mean"), ("x_corr", "x corr."),
                   ("y_corr", "y corr."), ("scale_corr", "scale corr."), ("distinct_corr", "distinctive corr."),
-                  ("distinct_amp", "distinctive amp."))
+                  ("distinct_amp", "distinctive amp."), ("one_object", "one object per frame"))
+_PERCENT = {"leak_any", "one_object"}
 
 
 def table_markdown(result: dict) -> str:
@@ -236,7 +237,7 @@ def table_markdown(result: dict) -> str:
             attributes.append(start + " | ".join(["–"] * (2 * len(ATTRIBUTES))) + " |")
             continue
         cells = [format_cell(m["appearance"], True), format_cell(m["leak_any"], True)]
-        cells += [format_cell(m[key], key == "leak_any") if key in m else "n/a" for key, _ in MOTION_COLUMNS]
+        cells += [format_cell(m[key], key in _PERCENT) if key in m else "n/a" for key, _ in MOTION_COLUMNS]
         motion.append(start + " | ".join(cells) + " |")
         attributes.append(start + " | ".join([format_cell(m[a], True) for a in ATTRIBUTES]
                                              + [format_cell(m[f"leak_{a}"], True) for a in ATTRIBUTES]) + " |")
