@@ -17,8 +17,8 @@ from motiondirector.backbones.base import BackboneSpec
 from motiondirector.data.records import fingerprint
 from motiondirector.events import Observer
 from motiondirector.generate import GeneratedVideo, GenerationParams, LoraChoice, generate
-from motiondirector.train.resolve import LoraCatalog
 from motiondirector.storage import cache_root, staged_folder
+from motiondirector.train.resolve import LoraCatalog
 
 # Single-frame steps need little activation memory, so no gradient checkpointing (its recompute
 # would also run outside the spatial path's temporal bypass).

@@ -65,6 +65,7 @@ from motiondirector.generate import (
 )
 from motiondirector.generate import generate as generate
 from motiondirector.lora.package import Manifest, PackageError
+from motiondirector.train.guard import TrainingDiverged
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.loop import RunFolderError, RunSummary, TrainingInterrupted, train
 
@@ -73,7 +74,7 @@ __all__ = [
     "GeneratedVideo", "GenerationParams", "InvalidIdError", "LoraChoice", "Manifest", "ModelDefaults",
     "ModelNotAvailableError", "ModelTooLargeError", "Observer", "PackageError", "Progress", "Recorder",
     "RegistrationError", "RunFolderError", "RunSummary", "TrainConfig", "TrainFinished", "TrainStarted",
-    "TrainStep", "TrainingInterrupted", "UnknownEntryError", "ValidationSample", "animate", "apply_overrides",
+    "TrainStep", "TrainingDiverged", "TrainingInterrupted", "UnknownEntryError", "ValidationSample", "animate", "apply_overrides",
     "defaults_for", "generate", "image_appearance", "load_backbone", "load_config", "open_catalog",
     "package_base", "read_sidecar", "register_run", "replay", "resolve_device", "save_video", "save_videos",
     "train", "train_and_register", "validate_config", "validate_id", "validated_params",
