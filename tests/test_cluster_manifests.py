@@ -401,3 +401,21 @@ def test_local_cluster_scripts_use_real_ray_cli_flags(script):
         known = {opt for param in cli.commands[command].params for opt in param.opts}
         assert set(flags) <= known, f"{script}: `ray {command}` has no {sorted(set(flags) - known)}"
     assert (CLUSTER / script).stat().st_mode & 0o111, f"{script} is not executable"
+
+
+def test_the_jobs_and_the_service_share_one_storage_layout():
+    """Ingest writes where train-batch reads; train-batch registers where the RayService serves from."""
+    words = dict(_entrypoints())
+    ingest, train = words["rayjob-ingest.yaml[0]"], words["rayjob-train-batch.yaml[0]"]
+
+    def option(command: list[str], flag: str) -> str:
+        return command[command.index(flag) + 1]
+
+    spec = yaml.safe_load((ROOT / "configs" / "train_batch_reference.yaml").read_text())
+    sources = spec["from_ingest"] if isinstance(spec["from_ingest"], list) else [spec["from_ingest"]]
+    read = {source if isinstance(source, str) else source["uri"] for source in sources}
+    read |= {job["dataset"].split("#", 1)[0] for job in spec.get("jobs", []) if job.get("dataset")}
+    assert read == {option(ingest, "--output")}, "train-batch must read the ingest job's output"
+    assert _generator().serve_args()["catalog"] == option(train, "--catalog"), \
+        "the RayService must serve the catalog train-batch registers into"
+    assert all(uri.startswith(("s3://", "gs://")) for uri in (option(ingest, "--output"), option(train, "--storage")))
