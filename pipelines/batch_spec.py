@@ -144,14 +144,13 @@ class Job:
     lineage: dict[str, Any]
     preview: bool
     preview_prompt: str | None
-    validation_keys: list[str]  # validation keys the spec set (the model's defaults fill the others)
     fault_injection: FaultInjection | None = None
 
     def payload(self) -> dict[str, Any]:
         """What travels to the Ray workers (plain data)."""
         return {"name": self.name, "job_id": self.job_id, "key": self.key, "config": self.config,
                 "dataset": self.dataset, "lineage": self.lineage, "preview": self.preview,
-                "preview_prompt": self.preview_prompt, "validation_keys": self.validation_keys,
+                "preview_prompt": self.preview_prompt,
                 "kill_at_step": self.fault_injection.kill_at_step if self.fault_injection else None}
 
 
@@ -261,7 +260,7 @@ def read_spec_file(path: Path) -> BatchSpecFile:
 def _job_config(defaults: dict[str, Any], overrides: Sequence[str], dataset: str | None,
                 source: str) -> dict[str, Any]:
     """defaults + overrides (+ dataset) validated by the library; returns the config's JSON form."""
-    from motiondirector.config import ConfigError, apply_overrides, validate_config
+    from motiondirector.api import ConfigError, apply_overrides, validate_config
 
     try:
         data = apply_overrides(defaults, overrides)
@@ -269,8 +268,7 @@ def _job_config(defaults: dict[str, Any], overrides: Sequence[str], dataset: str
             previous = data.get("data") if isinstance(data.get("data"), dict) else {}
             concept = previous.get("concept") if "dataset" in previous else None
             data["data"] = {"dataset": dataset, **({"concept": concept} if concept else {})}
-        explicit = sorted(data["validation"]) if isinstance(data.get("validation"), dict) else []
-        return validate_config(data, source).model_dump(mode="json"), explicit
+        return validate_config(data, source).model_dump(mode="json")
     except ConfigError as error:
         raise SpecError(str(error)) from None
 
@@ -328,7 +326,7 @@ def load_batch_spec(path: str | Path, *, storage: str | None = None, catalog: st
             seen[name] = name
             grid_overrides = _override_strings(point)
             source = f"{path}: job {name!r}"
-            config, validation_keys = _job_config(defaults, [*overrides, *grid_overrides], dataset, source)
+            config = _job_config(defaults, [*overrides, *grid_overrides], dataset, source)
             reference = config["data"].get("dataset") if isinstance(config.get("data"), dict) else None
             if reference is None:
                 raise SpecError(f"{source}: dataset: required key is missing (batch jobs train on ingested "
@@ -350,7 +348,7 @@ def load_batch_spec(path: str | Path, *, storage: str | None = None, catalog: st
                 if spec.preview.enabled else None
             jobs.append(Job(name=name, job_id=f"{name}-{key[:10]}", key=key, config=config, dataset=reference,
                             resources=resources_used, lineage=lineage, preview=spec.preview.enabled,
-                            preview_prompt=prompt, validation_keys=validation_keys, fault_injection=fault))
+                            preview_prompt=prompt, fault_injection=fault))
     return BatchSpec(path=path, sha256=spec_sha256,
                      storage=storage or (_resolve_uri(spec.storage, folder) if spec.storage else None),
                      catalog=catalog or (_resolve_uri(spec.catalog, folder) if spec.catalog else None),

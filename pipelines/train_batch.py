@@ -105,12 +105,12 @@ class ProgressBoard:
 
 # --- the worker ----------------------------------------------------------------------------------
 
-def _lora_digest(groups: dict[str, list[Any]]) -> str:
-    """sha256 over every adapter's weights, in name order (equal on all ranks when data parallel works)."""
+def lora_digest(unet: Any) -> str:
+    """sha256 over every LoRA weight in the model, in name order (equal on all ranks when data parallel works)."""
     digest = hashlib.sha256()
-    for name in sorted(groups):
-        digest.update(name.encode())
-        for param in groups[name]:
+    for name, param in sorted(unet.named_parameters()):
+        if "lora_" in name:
+            digest.update(name.encode())
             digest.update(param.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
@@ -118,45 +118,43 @@ def _lora_digest(groups: dict[str, list[Any]]) -> str:
 def _registered(catalog_uri: str | None, key: str) -> list[str]:
     if not catalog_uri:
         return []
-    from motiondirector.catalog import Catalog
+    from motiondirector import api
 
-    return [m.id for m in Catalog(catalog_uri).query(tags=[KEY_TAG + key])]
+    return [m.id for m in api.open_catalog(catalog_uri).query(tags=[KEY_TAG + key], limit=None)]
 
 
-def _with_preview(config: Any, job: dict[str, Any], backbone: Any) -> Any:
-    """Sample one preview at the last step (validation section), with the model's defaults where the
-    spec set nothing."""
+def _with_preview(config: Any, job: dict[str, Any]) -> Any:
+    """Sample the preview at the last step (the validation section; unset sampling settings take the base
+    model's defaults inside train())."""
     if not job["preview"]:
         return config
-    validation = config.validation
     updates: dict[str, Any] = {}
-    if not validation.every:
+    if not config.validation.every:
         updates["every"] = config.steps
-    if job["preview_prompt"] and not validation.prompts:
+    if job["preview_prompt"] and not config.validation.prompts:
         updates["prompts"] = [job["preview_prompt"]]
-    defaults = dict(getattr(backbone, "defaults", None) or {})
-    explicit = set(job["validation_keys"])
-    mapping = {"frames": "frames", "steps": "steps", "guidance": "guidance", "fps": "fps"}
-    for ours, theirs in mapping.items():
-        if ours not in explicit and theirs in defaults:
-            updates[ours] = defaults[theirs]
-    if "size" not in explicit and "height" in defaults and "width" in defaults:
-        updates["size"] = (defaults["height"], defaults["width"])
-    if not updates:
-        return config
-    return config.model_copy(update={"validation": validation.model_copy(update=updates)})
+    return config.model_copy(update={"validation": config.validation.model_copy(update=updates)}) if updates \
+        else config
 
 
 class _Reporter:
-    """The library's observer inside a Ray Train worker: checkpoints -> ray.train.report, steps -> board."""
+    """The library's observer inside a Ray Train worker: checkpoints -> ray.train.report, steps -> the board,
+    the LoRA digest of the last step -> the board (per rank).
 
-    def __init__(self, job: dict[str, Any], rank: int, world_size: int, board: Any, storage: str,
-                 restored: int | None) -> None:
-        self.job, self.rank, self.world_size, self.board = job, rank, world_size, board
-        self.storage = storage
+    `ray.train.report` is a barrier over the job's workers, so every rank must call it equally often and
+    at the same point between the loop's collectives. `CheckpointWritten` comes from rank 0 only, and
+    writing a checkpoint is itself collective in a data-parallel run; so checkpoint n is reported by all
+    ranks at the next `TrainStep` (emitted on every rank, after that step's collectives), rank 0
+    attaching the folder, and the last one after train() returns (`flush`).
+    """
+
+    def __init__(self, job: dict[str, Any], rank: int, board: Any, storage: str, unet: Any) -> None:
+        self.job, self.rank, self.board, self.storage, self.unet = job, rank, board, storage, unet
+        self.every = int(job["config"]["checkpoint_every"])
+        self.start = 0
         self.losses: dict[str, float] = {}
-        self.reported: set[int] = {restored} if restored is not None else set()
-        self.config = job["config"]
+        self.pending: tuple[int, Path] | None = None  # rank 0: the checkpoint written, not reported yet
+        self.digest: str | None = None
 
     def _kill_if_asked(self, step: int) -> None:
         """Test hook: SIGKILL this worker once, after step `kill_at_step` (marker in the job's storage)."""
@@ -175,138 +173,118 @@ class _Reporter:
         get_all_reported_checkpoints()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def __call__(self, event: Any) -> None:
+    def flush(self, step: int) -> None:
+        """All ranks: report the metrics of checkpoint `step`; rank 0 attaches the checkpoint folder."""
         from ray.train import Checkpoint, report
 
-        from motiondirector.events import CheckpointWritten, TrainStarted, TrainStep
+        checkpoint = None
+        if self.pending is not None and self.pending[0] == step:
+            checkpoint = Checkpoint.from_directory(str(self.pending[1]))
+            self.pending = None
+        report({"step": step, **self.losses}, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step}",
+               delete_local_checkpoint_after_upload=False)
 
-        if isinstance(event, TrainStarted) and self.rank == 0:
-            self.board.update.remote(self.job["job_id"], {"state": "running", "step": event.start_step,
-                                                          "steps": event.total_steps,
-                                                          "resumed_from": event.start_step or None})
+    def __call__(self, event: Any) -> None:
+        from motiondirector.api import CheckpointWritten, TrainStarted, TrainStep
+
+        job_id = self.job["job_id"]
+        if isinstance(event, TrainStarted):
+            self.start = event.start_step
+            if self.rank == 0:
+                self.board.update.remote(job_id, {"state": "running", "step": event.start_step,
+                                                  "steps": event.total_steps, "resumed_from": event.start_step or None})
         elif isinstance(event, TrainStep):
+            previous = event.step - 1
+            if self.every and previous > self.start and previous % self.every == 0:
+                self.flush(previous)
             self.losses = dict(event.losses)
             if self.rank == 0:
-                self.board.update.remote(self.job["job_id"], {"state": "running", "step": event.step,
-                                                              "steps": event.total_steps, "losses": self.losses,
-                                                              "it_s": event.steps_per_second})
+                self.board.update.remote(job_id, {"state": "running", "step": event.step, "steps": event.total_steps,
+                                                  "losses": self.losses, "it_s": event.steps_per_second})
+            if event.step == event.total_steps:  # the adapters are still installed and final
+                self.digest = lora_digest(self.unet)
             self._kill_if_asked(event.step)
-        elif isinstance(event, CheckpointWritten) and event.step not in self.reported:
-            self.reported.add(event.step)
-            checkpoint = None
-            if event.path is not None and Path(event.path).is_dir():
-                checkpoint = Checkpoint.from_directory(str(event.path))
-            report({"step": event.step, **self.losses}, checkpoint=checkpoint,
-                   checkpoint_dir_name=f"step-{event.step}", delete_local_checkpoint_after_upload=False)
+        elif isinstance(event, CheckpointWritten) and self.rank == 0:
+            self.pending = (event.step, Path(event.path))
 
 
-def _restore(checkpoint: Any, run_dir: Path, config: Any) -> int:
+def _restore(checkpoint: Any, run_dir: Path, config: Any, backbone: Any) -> int:
     """The job's last reported checkpoint -> run_dir/checkpoints/step-<n> + config.yaml; returns n."""
-    from motiondirector.train.layout import RunLayout
+    from motiondirector.api import RunLayout
 
     step = int(Path(checkpoint.path).name.removeprefix("step-"))  # reported as checkpoint_dir_name=step-<n>
     layout = RunLayout(run_dir)
     checkpoint.to_directory(str(layout.checkpoint(step).root))
-    layout.config.write_text(config.to_yaml())
+    layout.config.write_text(config.with_model_defaults(backbone.defaults).to_yaml())
     return step
 
 
-def _call_train(train: Callable[..., Any], config: Any, run_dir: Path, *, observers: list[Any], rank: int,
-                world_size: int, **kwargs: Any) -> Any:
-    """TEMPORARY until the rank-aware train(observers=, rank=, world_size=) of branch `core` lands:
-    emulate its events from on_step (one worker only)."""
+def _rank_arguments(train: Callable[..., Any], rank: int, world_size: int) -> dict[str, int]:
+    """rank/world_size for train() where it takes them (the rank-aware loop of branch core)."""
     import inspect
 
-    if "observers" in inspect.signature(train).parameters:
-        return train(config, run_dir, observers=observers, rank=rank, world_size=world_size, **kwargs)
+    if "rank" in inspect.signature(train).parameters:
+        return {"rank": rank, "world_size": world_size}
     if world_size != 1:
-        raise RuntimeError("data-parallel jobs need the rank-aware train() (branch core)")
-    from motiondirector.events import CheckpointWritten, TrainStep, emit
-    from motiondirector.train.layout import RunLayout
-
-    layout, began, first = RunLayout(run_dir), time.perf_counter(), [None]
-
-    def pending_checkpoints() -> None:
-        for step in layout.checkpoint_steps():
-            emit(observers, CheckpointWritten(step, layout.checkpoint(step).root))
-
-    def on_step(step: int, entry: dict[str, Any]) -> None:
-        first[0] = first[0] if first[0] is not None else step - 1
-        pending_checkpoints()
-        losses = {k: v for k, v in entry.items() if k.startswith("loss_")}
-        rate = (step - first[0]) / max(time.perf_counter() - began, 1e-9)
-        emit(observers, TrainStep(step, config.steps, losses, rate, entry))
-
-    summary = train(config, run_dir, progress=False, on_step=on_step, **kwargs)
-    pending_checkpoints()
-    return summary
+        raise RuntimeError("data-parallel jobs (workers > 1) need the rank-aware train(rank=, world_size=)")
+    return {}
 
 
 def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function: one rank of one job."""
     import ray.train
 
-    from motiondirector.backbones import (
-        ModelNotAvailableError,
-        ModelTooLargeError,
-        load_backbone,
-        resolve_device,
-    )
-    from motiondirector.config import validate_config
-    from motiondirector.train.engine import make_engine
-    from motiondirector.train.loop import train
+    from motiondirector import api
 
     job, board, storage = loop_config["job"], loop_config["board"], loop_config["storage"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     existing = _registered(loop_config["catalog"], job["key"])
-    if existing:  # a previous attempt registered it and died before reporting
+    if existing:  # a previous attempt registered the LoRAs and died before returning
         return {"catalog_ids": existing, "skipped": True}
-    config = validate_config(job["config"], f"job {job['name']}")
+    config = api.validate_config(job["config"], f"job {job['name']}")
     if loop_config["use_gpu"] and config.device == "auto":
         config = config.model_copy(update={"device": "cuda"})
+    config = _with_preview(config, job)
     workdir = Path(tempfile.mkdtemp(prefix=f"motiondirector-{job['job_id']}-rank{rank}-"))
     try:
         try:
-            backbone = load_backbone(config.base, resolve_device(config.device))
-        except (ModelNotAvailableError, ModelTooLargeError) as error:
+            backbone = api.load_backbone(config.base, api.resolve_device(config.device))
+        except (api.ModelNotAvailableError, api.ModelTooLargeError) as error:
             return {"error": f"{type(error).__name__}: {error}"}  # the same on every attempt: no retry
-        config = _with_preview(config, job, backbone)
         run_dir = workdir / "run"
         checkpoint = ray.train.get_checkpoint()
-        resumed = _restore(checkpoint, run_dir, config) if checkpoint is not None else None
-        engine = make_engine(config.engine)
-        reporter = _Reporter(job, rank, world_size, board, storage, resumed)
+        resumed = _restore(checkpoint, run_dir, config, backbone) if checkpoint is not None else None
+        reporter = _Reporter(job, rank, board, storage, backbone.unet)
+        catalog = loop_config["catalog"] if rank == 0 else None
         began = time.perf_counter()
         try:
-            summary = _call_train(train, config, run_dir, resume=resumed is not None, backbone=backbone,
-                                  engine=engine, observers=[reporter], rank=rank, world_size=world_size)
+            summary, manifests = api.train_and_register(
+                config, run_dir, catalog, name=job["name"], tags=_tags(job, loop_config["batch_id"]),
+                description=_description(job), resume=resumed is not None, backbone=backbone,
+                observers=[reporter], **_rank_arguments(api.train, rank, world_size))
         except (ValueError, FileNotFoundError) as error:  # bad data or config: deterministic, no retry
             return {"error": f"{type(error).__name__}: {error}"}
         seconds = time.perf_counter() - began
-        digest = _lora_digest(engine.groups)
-        board.rank_digest.remote(job["job_id"], rank, digest)
-        result = {"summary": summary.to_json(), "resumed_from": resumed, "digest": digest,
-                  "steps_per_second": (config.steps - (resumed or 0)) / max(seconds, 1e-9), "catalog_ids": []}
-        if rank == 0 and loop_config["catalog"]:
-            result["catalog_ids"] = _register(loop_config["catalog"], run_dir, job, loop_config["batch_id"])
-        return result
+        reporter.flush(config.steps)  # the last checkpoint (every rank, as every report)
+        if reporter.digest is not None:
+            board.rank_digest.remote(job["job_id"], rank, reporter.digest)
+        return {"summary": summary.to_json(), "resumed_from": resumed, "digest": reporter.digest,
+                "steps_per_second": (config.steps - (resumed or 0)) / max(seconds, 1e-9),
+                "catalog_ids": [m.id for m in manifests]}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _register(catalog: str, run_dir: Path, job: dict[str, Any], batch_id: str) -> list[str]:
-    """The finished run's LoRAs (temporal + spatial, preview gif) under one run id, tagged with the job's key."""
-    from motiondirector.catalog import Catalog, register_run
+def _tags(job: dict[str, Any], batch_id: str) -> list[str]:
+    return [KEY_TAG + job["key"], f"batch:{batch_id}", f"job:{job['name']}"]
 
+
+def _description(job: dict[str, Any]) -> str:
     lineage = job["lineage"]
     code = lineage["code_version"]
-    description = (f"train-batch job {job['name']}: dataset {job['dataset']}, spec sha256 "
-                   f"{lineage['spec_sha256'][:12]}, code {code.get('package')}"
-                   + (f"@{code['git'][:10]}" if "git" in code else ""))
-    manifests = register_run(Catalog(catalog), run_dir, name=job["name"], description=description,
-                             tags=[KEY_TAG + job["key"], f"batch:{batch_id}", f"job:{job['name']}"])
-    return [m.id for m in manifests]
+    return (f"train-batch job {job['name']}: dataset {job['dataset']}, spec sha256 {lineage['spec_sha256'][:12]}, "
+            f"code {code.get('package')}" + (f"@{code['git'][:10]}" if "git" in code else ""))
 
 
 # --- one job = one TorchTrainer ------------------------------------------------------------------
@@ -378,11 +356,11 @@ def _already_registered(catalog_uri: str | None, jobs: list[Job]) -> dict[str, l
     """key -> catalog ids of the jobs whose LoRAs are registered already (one catalog query)."""
     if not catalog_uri:
         return {}
-    from motiondirector.catalog import Catalog
+    from motiondirector import api
 
     found: dict[str, list[str]] = {}
     wanted = {KEY_TAG + job.key: job.key for job in jobs}
-    for manifest in Catalog(catalog_uri).query(limit=None):
+    for manifest in api.open_catalog(catalog_uri).query(limit=None):
         for tag in manifest.tags:
             if tag in wanted:
                 found.setdefault(wanted[tag], []).append(manifest.id)

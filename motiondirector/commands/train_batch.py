@@ -7,6 +7,8 @@ shows each job's state, step, losses, it/s and ETA, fed by the workers through a
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -72,15 +74,16 @@ def train_batch(
     except SpecError as error:
         raise fail(str(error)) from None
     if batch.catalog is None:
-        from motiondirector.catalog.catalog import catalog_root
+        from motiondirector import api
 
-        batch.catalog = catalog_root(None)
+        batch.catalog = api.open_catalog(None).uri
 
     from pipelines.train_batch import run_batch  # imports Ray: only for a valid spec
 
     try:
         if as_json:
-            report = run_batch(batch)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON report
+                report = run_batch(batch)
         else:
             with Live(console=console, refresh_per_second=4, transient=True) as live:
                 report = run_batch(batch, on_update=lambda snapshot: live.update(render(snapshot)))
