@@ -154,7 +154,8 @@ def test_live_table_shows_states_steps_and_counts():
 # --- on the cluster ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def six_jobs(ray_local, tmp_path_factory, ingest_output, tiny_model_dir):
+def batch_run(ray_local, tmp_path_factory, ingest_output, tiny_model_dir):
+    """Six jobs that succeed (one survives a worker kill) and one whose kill exceeds max_failures=0."""
     folder = tmp_path_factory.mktemp("batch-six")
     car = f"{ingest_output}#car-turn"
     spec = write_spec(folder, {
@@ -163,20 +164,33 @@ def six_jobs(ray_local, tmp_path_factory, ingest_output, tiny_model_dir):
         "jobs": [{"name": "car-killed", "dataset": car, "fault_injection": {"kill_at_step": 3}},
                  {"name": "car-clean", "dataset": car},
                  {"name": "car-rank2", "dataset": car, "overrides": {"lora.rank": 2}},
-                 {"name": "boxes-beta", "dataset": f"{ingest_output}#boxes", "overrides": {"ad_beta": 0.5}}],
+                 {"name": "boxes-beta", "dataset": f"{ingest_output}#boxes", "overrides": {"ad_beta": 0.5}},
+                 {"name": "car-fails-once", "dataset": car, "fault_injection": {"kill_at_step": 3},
+                  "resources": {"max_failures": 0}}],
         "from_ingest": {"uri": str(ingest_output), "prefix": "ingest-"}})
     storage, catalog = folder / "storage", folder / "catalog"
     code, report, output = run_cli(str(spec), "--storage", str(storage), "--catalog", str(catalog))
-    assert code == 0, output
+    assert code == 1 and report is not None, output  # exit 1: a job failed
     return spec, storage, catalog, report
 
 
+def same_loras(catalog: Path, ids_a: list[str], ids_b: list[str]) -> bool:
+    if len(ids_a) != len(ids_b):
+        return False
+    for a, b in zip(ids_a, ids_b, strict=True):
+        wa, wb = package_weights(catalog, a), package_weights(catalog, b)
+        if wa.keys() != wb.keys() or not all((wa[k] == wb[k]).all() for k in wa):
+            return False
+    return True
+
+
 @pytest.mark.ray
-def test_six_jobs_complete_and_a_killed_worker_resumes_to_the_same_lora(six_jobs):
-    spec, storage, catalog, report = six_jobs
+def test_six_jobs_complete_and_a_killed_worker_resumes_to_the_same_lora(batch_run):
+    spec, storage, catalog, report = batch_run
     jobs = {job["name"]: job for job in report["jobs"]}
-    assert sorted(jobs) == ["boxes-beta", "car-clean", "car-killed", "car-rank2", "ingest-boxes", "ingest-car-turn"]
-    assert report["counts"] == {"queued": 0, "running": 0, "done": 6, "skipped": 0, "failed": 0}
+    assert sorted(jobs) == ["boxes-beta", "car-clean", "car-fails-once", "car-killed", "car-rank2", "ingest-boxes",
+                            "ingest-car-turn"]
+    assert report["counts"] == {"queued": 0, "running": 0, "done": 6, "skipped": 0, "failed": 1}
     assert json.loads(Path(report["report"]).read_text())["counts"]["done"] == 6
     assert Path(report["report"]).parent.parent == storage / "batches"
     # the kill happened, and the restarted worker began at the reported checkpoint of step 2, not at 0
@@ -184,14 +198,12 @@ def test_six_jobs_complete_and_a_killed_worker_resumes_to_the_same_lora(six_jobs
     assert (storage / killed["job_id"] / ".fault-injected").read_text() == "3"
     assert killed["resumed_from"] == 2 and clean["resumed_from"] is None
     # ... and ended with bit-identical LoRAs (temporal + spatial) to the uninterrupted twin
-    assert len(killed["catalog_ids"]) == len(clean["catalog_ids"]) == 2
-    for a, b in zip(killed["catalog_ids"], clean["catalog_ids"], strict=True):
-        wa, wb = package_weights(catalog, a), package_weights(catalog, b)
-        assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
-    assert killed["rank_digests"] == clean["rank_digests"]
-    assert package_weights(catalog, jobs["car-rank2"]["catalog_ids"][0]).keys() == \
-        package_weights(catalog, clean["catalog_ids"][0]).keys()
-    # registered with metrics, a preview and the job's lineage key
+    assert len(killed["catalog_ids"]) == 2 and same_loras(catalog, killed["catalog_ids"], clean["catalog_ids"])
+    assert killed["rank_digests"] == clean["rank_digests"] != jobs["car-rank2"]["rank_digests"]
+    # the job without retries failed, with the worker's death in the report and nothing registered
+    failed = jobs["car-fails-once"]
+    assert failed["state"] == "failed" and failed["catalog_ids"] == [] and "worker" in failed["error"].lower()
+    # registered with losses, a preview and the job's lineage key
     from motiondirector.catalog import Catalog
 
     entries = Catalog(str(catalog)).query(limit=None)
@@ -205,17 +217,27 @@ def test_six_jobs_complete_and_a_killed_worker_resumes_to_the_same_lora(six_jobs
 
 
 @pytest.mark.ray
-def test_second_run_of_the_spec_trains_nothing(six_jobs):
-    spec, storage, catalog, first = six_jobs
-    runs_before = sorted(p.name for p in storage.iterdir())
-    code, report, output = run_cli(str(spec), "--storage", str(storage), "--catalog", str(catalog))
+def test_rerun_retries_the_failed_job_from_its_storage_then_trains_nothing(batch_run):
+    spec, storage, catalog, first = batch_run
+    before = {j["name"]: j for j in first["jobs"]}
+    # second run: the failed job resumes from its last checkpoint in storage (same run name) -- the
+    # path a killed driver's unfinished jobs take too; everything registered is skipped
+    code, second, output = run_cli(str(spec), "--storage", str(storage), "--catalog", str(catalog))
     assert code == 0, output
-    assert report["counts"]["skipped"] == 6 and report["counts"]["done"] == 0
-    assert {j["name"]: sorted(j["catalog_ids"]) for j in report["jobs"]} == \
-        {j["name"]: sorted(j["catalog_ids"]) for j in first["jobs"]}
-    assert sorted(p.name for p in storage.iterdir()) == runs_before  # no new Ray Train run, only the report
-    assert len(list((storage / "batches").iterdir())) == 2
-    assert len(list((catalog / "loras").iterdir())) == 14
+    assert second["counts"]["skipped"] == 6 and second["counts"]["done"] == 1
+    retried = next(j for j in second["jobs"] if j["name"] == "car-fails-once")
+    assert retried["state"] == "done" and retried["resumed_from"] == 2
+    assert same_loras(catalog, retried["catalog_ids"], before["car-clean"]["catalog_ids"])
+    # third run: nothing to train, no new Ray Train run folder, no new catalog entry
+    runs = sorted(p.name for p in storage.iterdir())
+    code, third, output = run_cli(str(spec), "--storage", str(storage), "--catalog", str(catalog))
+    assert code == 0, output
+    assert third["counts"]["skipped"] == 7 and third["counts"]["done"] == 0
+    assert {j["name"]: sorted(j["catalog_ids"]) for j in third["jobs"]} == \
+        {j["name"]: sorted(j["catalog_ids"]) for j in second["jobs"]}
+    assert sorted(p.name for p in storage.iterdir()) == runs
+    assert len(list((storage / "batches").iterdir())) == 3
+    assert len(list((catalog / "loras").iterdir())) == 16
 
 
 @pytest.mark.ray
