@@ -19,17 +19,20 @@ from motiondirector.backbones.base import (
     ModelNotAvailableError,
     ModelTooLargeError,
 )
+from motiondirector.backbones.defaults import ModelDefaults, model_defaults
 from motiondirector.backbones.unet3d import UNet3DSpec
 
 __all__ = [
     "BackboneSpec",
     "LatentDistribution",
+    "ModelDefaults",
     "ModelNotAvailableError",
     "ModelTooLargeError",
     "load_backbone",
     "resolve_device",
     "resolve_model_folder",
     "embedded_models",
+    "defaults_for",
 ]
 
 # Denoiser class name (unet/config.json `_class_name`) -> specification.
@@ -141,4 +144,11 @@ def load_backbone(base: str, device: str | torch.device | None = None,
             f"supported: {', '.join(FAMILIES)}")
     check_fits(folder, device, dtype)
     model_id = base if base in embedded_models() or not os.path.isdir(base) else str(Path(base).resolve())
-    return FAMILIES[class_name].from_folder(folder, model_id=model_id, device=device, dtype=dtype)
+    backbone = FAMILIES[class_name].from_folder(folder, model_id=model_id, device=device, dtype=dtype)
+    backbone.defaults = model_defaults(model_id, folder)
+    return backbone
+
+
+def defaults_for(base: str) -> ModelDefaults:
+    """The model-aware defaults of `base` without loading its weights (reads config files only)."""
+    return model_defaults(base, resolve_model_folder(base))
