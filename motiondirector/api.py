@@ -56,6 +56,7 @@ from motiondirector.generate import (
     GeneratedVideo,
     GenerationParams,
     LoraChoice,
+    generate_batch,
     package_base,
     read_sidecar,
     replay,
@@ -74,7 +75,7 @@ __all__ = [
     "ModelNotAvailableError", "ModelTooLargeError", "Observer", "PackageError", "Progress", "Recorder",
     "RegistrationError", "RunFolderError", "RunSummary", "TrainConfig", "TrainFinished", "TrainStarted",
     "TrainStep", "TrainingInterrupted", "UnknownEntryError", "ValidationSample", "animate", "apply_overrides",
-    "defaults_for", "generate", "image_appearance", "load_backbone", "load_config", "open_catalog",
+    "defaults_for", "generate", "generate_batch", "image_appearance", "load_backbone", "load_config", "open_catalog",
     "package_base", "read_sidecar", "register_run", "replay", "resolve_device", "save_video", "save_videos",
     "train", "train_and_register", "validate_config", "validate_id", "validated_params",
 ]

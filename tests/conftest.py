@@ -72,9 +72,9 @@ def serve_app(ray_local, tmp_path_factory):
     import socket
     from types import SimpleNamespace
 
+    from ray import serve
     from serve_support import build_test_catalog
 
-    from ray import serve
     from serve.app import application
     from serve.settings import ServeSettings
 
