@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ray import serve
@@ -77,16 +78,15 @@ def application(settings: ServeSettings) -> Application:
     return _ingress_deployment(settings).bind(generator, board, data)
 
 
+def settings_from_args(args: dict[str, Any] | None) -> ServeSettings:
+    """ServeSettings from builder args: `config` names a settings file, the other keys override it."""
+    overrides = dict(args or {})
+    config = overrides.pop("config", None)
+    if isinstance(overrides.get("limits"), str):  # `serve run ... limits='{"max_frames": 16}'`
+        overrides["limits"] = json.loads(overrides["limits"])
+    return load_settings(config, **overrides)
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """Application builder for `serve build` / `serve run`: args are ServeSettings fields (`config`: a file)."""
-    args = dict(args or {})
-    config = args.pop("config", None)
-    limits = args.pop("limits", None)
-    if isinstance(limits, str):
-        import json
-
-        limits = json.loads(limits)
-    overrides = {key: value for key, value in args.items()}
-    if limits is not None:
-        overrides["limits"] = limits
-    return application(load_settings(config, **overrides))
+    return application(settings_from_args(args))
