@@ -55,6 +55,7 @@ from motiondirector.events import (
 from motiondirector.generate import (
     GeneratedVideo,
     GenerationParams,
+    HeldComposition,
     LoraChoice,
     generate_batch,
     package_base,
@@ -71,7 +72,7 @@ from motiondirector.train.loop import RunFolderError, RunSummary, TrainingInterr
 
 __all__ = [
     "BackboneSpec", "Catalog", "CatalogOnDemand", "CheckpointWritten", "ConfigError", "CorruptEntryError", "Event",
-    "GeneratedVideo", "GenerationParams", "InvalidIdError", "LoraChoice", "Manifest", "ModelDefaults",
+    "GeneratedVideo", "GenerationParams", "HeldComposition", "InvalidIdError", "LoraChoice", "Manifest", "ModelDefaults",
     "ModelNotAvailableError", "ModelTooLargeError", "Observer", "PackageError", "Progress", "Recorder",
     "RegistrationError", "RunFolderError", "RunSummary", "TrainConfig", "TrainFinished", "TrainStarted",
     "TrainStep", "TrainingInterrupted", "UnknownEntryError", "ValidationSample", "animate", "apply_overrides",

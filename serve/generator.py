@@ -8,8 +8,9 @@
 - Requests for the same set arrive in one `serve.batch`; those that also share their sampling
   settings go through the library's sampler together (`api.generate_batch`, one noise tensor per
   video, each from its own seed).
-- The base model is modified in place while a set is applied, so one thread does all sampling and a
-  lock guards it: two sets are never active on the UNet at once.
+- The set of the last batch stays applied to the UNet (`api.HeldComposition`): the next batch of the
+  same set skips adapter injection; another set first restores the model. The model is modified in
+  place, so one thread does all sampling and a lock guards it: two sets are never active at once.
 
 Sampling, LoRA loading and the sidecar are the library's (`motiondirector.api`); here is routing,
 caching and bookkeeping only.
@@ -88,7 +89,9 @@ class GeneratorService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
         self._unet_lock = threading.Lock()
         self._pending: set[asyncio.Future] = set()
+        self._held: Any = None  # the LoRA set now applied to the UNet (api.HeldComposition)
         self.loads = 0  # compositions loaded by this replica (multiplex misses)
+        self.applications = 0  # times a LoRA set was applied to the UNet (a switch or the first set)
         self.batches: list[int] = []  # sizes of the sampler calls made, newest last (bounded)
 
     def info(self) -> dict[str, Any]:
@@ -100,7 +103,7 @@ class GeneratorService:
                 "size_multiple": 2 ** (len(backbone.vae.config.block_out_channels) - 1)}
 
     def stats(self) -> dict[str, Any]:
-        return {"compositions_loaded": self.loads, "package_hits": self.packages.hits,
+        return {"compositions_loaded": self.loads, "applications": self.applications, "package_hits": self.packages.hits,
                 "package_misses": self.packages.misses, "packages": self.packages.ids(),
                 "batch_sizes": list(self.batches)}
 
@@ -154,6 +157,18 @@ class GeneratorService:
             guidance=job["guidance"], frames=job["frames"], height=job["height"], width=job["width"],
             fps=job["fps"], seed=job["seed"])
 
+    def _hold(self, choices: list[tuple[str, Any]]) -> Any:
+        """The UNet with this LoRA set applied: kept from the previous batch if it is the same set, else
+        the previous set is taken off (the model restored) and this one applied. Under `_unet_lock`."""
+        if self._held is not None and self._held.matches(choices):
+            return self._held
+        if self._held is not None:
+            held, self._held = self._held, None
+            held.close()
+        self._held = self.api.HeldComposition(self.backbone, choices, catalog=self.packages)
+        self.applications += 1
+        return self._held
+
     def _sample_group(self, composition: Composition, group: list[tuple[str, dict[str, Any]]],
                       report: Callable[[Any], None]) -> dict[str, dict[str, Any]]:
         """In the sampling thread: one library call for the group, then each video encoded to bytes."""
@@ -162,7 +177,7 @@ class GeneratorService:
             params = [self._params(composition, job) for _, job in group]
             with self._unet_lock:
                 videos = self.api.generate_batch(params, backbone=self.backbone, catalog=self.packages,
-                                                 observers=[report])
+                                                 observers=[report], composition=self._hold(params[0].choices()))
             self.batches = [*self.batches[-99:], len(group)]
             results = {}
             with tempfile.TemporaryDirectory(prefix="md-serve-") as folder:

@@ -44,3 +44,25 @@ def test_items_that_differ_in_more_than_prompt_and_seed_are_refused(tiny_model_d
     with pytest.raises(ValueError, match="batch item 0: one prompt per item"):
         api.generate_batch([two_prompts], backbone=tiny_backbone)
     assert api.generate_batch([], backbone=tiny_backbone) == []
+
+
+def test_a_held_composition_gives_the_same_videos_and_closing_restores_the_model(tiny_model_dir, tiny_backbone,
+                                                                                  tmp_path):
+    from motiondirector.lora.inject import adapter_names
+
+    motion = api.LoraChoice(reference=str(write_random_package(tiny_backbone, tmp_path / "m", "temporal", seed=2)))
+    other = api.LoraChoice(reference=str(write_random_package(tiny_backbone, tmp_path / "o", "temporal", seed=3)))
+    items = [params(tiny_model_dir, "a", 5, motions=[motion])]
+    expected = api.generate_batch(items, backbone=tiny_backbone)[0]
+    held = api.HeldComposition(tiny_backbone, items[0].choices())
+    try:
+        assert adapter_names(tiny_backbone.unet) == {"motion_0"}
+        for _ in range(2):  # the set stays applied between batches
+            video = api.generate_batch(items, backbone=tiny_backbone, composition=held)[0]
+            assert torch.equal(video.frames, expected.frames)
+        with pytest.raises(ValueError, match="not the items' LoRA set"):
+            api.generate_batch([params(tiny_model_dir, "a", 5, motions=[other])], backbone=tiny_backbone,
+                               composition=held)
+    finally:
+        held.close()
+    assert adapter_names(tiny_backbone.unet) == set()
