@@ -7,9 +7,10 @@ Starts a local Ray cluster, a catalog of random LoRA packages for the base model
 and the Serve app, then over HTTP on 127.0.0.1 (bounded: a fixed number of requests per level):
   - p50/p95 latency and throughput at client concurrency 1/4/8, all requests for one LoRA set
     (`?wait=true`: a request's latency is submit -> video done);
-  - LoRA switch: one request at a time alternating between two sets the replica already holds
-    ("cached": multiplexed set and packages resident) vs sets never seen before ("cold": every
-    package resolved from the catalog, hashes checked, the set loaded);
+  - LoRA switch, one request at a time: the same set again (it stays applied to the UNet), alternating
+    between two sets the replica holds ("cached": packages resolved, adapters re-injected at each
+    switch) and sets never seen before ("cold": packages resolved from the catalog, hashes checked,
+    adapters injected);
   - the same concurrency-8 load with `max_batch_size=1` (one at a time) against the batched app.
 Generation settings are small (--steps, --frames) so the run stays a few minutes on 2 CPU cores.
 """
@@ -21,7 +22,6 @@ import os
 import platform
 import shlex
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -130,11 +130,13 @@ def main() -> None:
             if batch > 1:
                 held = [[motions[0]], [motions[1]]]
                 run_load(url, [body(0, held[1])], 1)  # both sets now held by the replica
+                same = [body(i, held[0]) for i in range(args.switches)]
                 cached = [body(i, held[i % 2]) for i in range(args.switches)]
                 cold = [body(i, [motions[2 + i]]) for i in range(args.switches)]
+                results["same"] = run_load(url, same, 1)
                 results["cached"] = run_load(url, cached, 1)
                 results["cold"] = run_load(url, cold, 1)
-                print("switch", results["cached"], results["cold"], flush=True)
+                print("switch", results["same"], results["cached"], results["cold"], flush=True)
             serve.delete("bench")
     finally:
         serve.shutdown()
@@ -161,7 +163,10 @@ def main() -> None:
                   f"(target ≥ 2×: {'met' if ratio >= 2 else 'NOT met'}).", "",
               "LoRA switch, one request at a time (p50 / p95 latency, s):", "",
               "| case | p50 | p95 |", "|---|---|---|",
-              f"| cached: alternating between two sets the replica holds | {results['cached']['p50']:.2f} | "
+              f"| no switch: the same set again (still applied to the UNet) | {results['same']['p50']:.2f} | "
+              f"{results['same']['p95']:.2f} |",
+              f"| cached switch: alternating between two sets the replica holds (packages resolved, adapters "
+              f"re-injected) | {results['cached']['p50']:.2f} | "
               f"{results['cached']['p95']:.2f} |",
               f"| cold: a set never seen (packages resolved, hash-checked, loaded) | {results['cold']['p50']:.2f} | "
               f"{results['cold']['p95']:.2f} |", "",
