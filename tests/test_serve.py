@@ -289,3 +289,42 @@ def test_batched_jobs_share_one_sampler_call(serve_app):
     assert max(stats["batch_sizes"]) > 1, stats
     gifs = {json.dumps(a.json()["params"]) for a in answers}
     assert len(gifs) == 8  # each job kept its own seed and prompt
+
+
+def test_the_cli_serves_on_a_joined_cluster_and_stops_on_ctrl_c(serve_app, tmp_path):
+    """`motiondirector serve` in a subprocess joining the test cluster: its app answers, SIGINT stops only it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"app_name: md-cli\nroute_prefix: /cli\ngenerator_cpus: 0\nthreads: 1\n"
+                      f"port: {serve_app.url.rsplit(':', 1)[1]}\n")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    process = subprocess.Popen([sys.executable, "-m", "motiondirector.cli", "serve", "--config", str(config),
+                                "--base", "toy", "--catalog", str(serve_app.catalog), "--device", "cpu"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        with client(serve_app) as http:
+            while time.monotonic() < deadline and process.poll() is None:
+                ready = http.get("/cli/readyz")
+                if ready.status_code == 200:
+                    break
+                time.sleep(1)
+            assert http.get("/cli/readyz").json()["model"] == "toy"
+            job = http.post("/cli/v1/generations", params={"wait": "true"},
+                            json={"prompt": "cli", **TINY, "motions": [{"lora_id": serve_app.ids["zigzag"]}]}).json()
+            assert job["status"] == "done"
+            process.send_signal(signal.SIGINT)
+            output, _ = process.communicate(timeout=120)
+            assert process.returncode == 0, output
+            assert "serving toy at" in output and "stopping" in output
+            assert http.get("/cli/healthz").status_code == 404  # its app is gone...
+            assert http.get("/healthz").status_code == 200  # ...the other one still serves
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -36,6 +38,7 @@ def serve_command(config: ConfigOption = None, base: BaseOption = None, catalog:
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False)  # joins $RAY_ADDRESS when set, else starts one
+    own_cluster = started and not os.environ.get("RAY_ADDRESS")
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         try:
@@ -52,9 +55,14 @@ def serve_command(config: ConfigOption = None, base: BaseOption = None, catalog:
         except KeyboardInterrupt:
             console.print("stopping", highlight=False)
     finally:
-        serve.shutdown()
-        if started:
+        if own_cluster:
+            serve.shutdown()
             ray.shutdown()
+        else:  # a shared cluster: take down this application only
+            with contextlib.suppress(Exception):
+                serve.delete(settings.app_name)
+            if started:
+                ray.shutdown()  # disconnects this driver; the cluster stays
 
 
 def register(app: typer.Typer) -> None:
