@@ -77,8 +77,8 @@ class IngressService:
         return self._info
 
     async def readiness(self) -> dict[str, Any]:
-        try:
-            info = await asyncio.wait_for(self.model_info(), timeout=5.0)
+        try:  # asked afresh each time: a generator that stopped answering makes the app not ready
+            info = await asyncio.wait_for(self.generator.info.remote(), timeout=5.0)
             await run_in_threadpool(self.catalog.current_index_file)
         except Exception as error:  # not ready, whatever the cause: say why
             raise ApiError(503, f"not ready: {type(error).__name__}: {error}") from None

@@ -328,3 +328,20 @@ def test_the_cli_serves_on_a_joined_cluster_and_stops_on_ctrl_c(serve_app, tmp_p
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_running_job_reports_the_samplers_progress(serve_app):
+    body = {"prompt": "slow", "steps": 40, "frames": 4, "motions": [{"lora_id": serve_app.ids["orbit"]}]}
+    seen = []
+    with client(serve_app) as http:
+        job_id = send(http, body, wait=False).json()["id"]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            job = http.get(f"/v1/generations/{job_id}").json()
+            seen.append((job["status"], job["progress"] and job["progress"]["done"]))
+            if job["status"] in ("done", "failed"):
+                break
+            time.sleep(0.05)
+    running = [done for status, done in seen if status == "running" and done]
+    assert running and min(running) < 40 and running == sorted(running), seen
+    assert seen[-1] == ("done", 40)
