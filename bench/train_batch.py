@@ -49,7 +49,7 @@ def loadavg() -> str:
 
 
 def make_ingest(folder: Path, model: Path) -> Path:
-    from motiondirector.data.ingested import load_ingest_spec
+    from motiondirector.api import load_ingest_spec
     from motiondirector.video_io import write_video
     from pipelines.ingest import run_ingest
 

@@ -69,17 +69,9 @@ def _join(storage: str, *parts: str) -> str:
 
 def write_json_atomic(uri: str, payload: Any) -> None:
     """A reader sees the whole file or none: temp name + rename locally, one PUT on object stores."""
-    data = json.dumps(payload, indent=2, default=str).encode()
-    from fsspec.implementations.local import LocalFileSystem
+    from motiondirector.api import publish
 
-    fs, path = fsspec.core.url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
-        from motiondirector.lora.package import atomic_write_bytes
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(path), data)
-    else:
-        fs.pipe_file(path, data)
+    publish(uri, json.dumps(payload, indent=2, default=str).encode())
 
 
 # --- progress ------------------------------------------------------------------------------------

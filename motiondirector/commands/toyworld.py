@@ -35,8 +35,8 @@ def render_command(
     as_json: JsonOption = False,
 ) -> None:
     """Render a ground-truth clip of the toy world from a caption."""
+    from motiondirector.api import write_gif, write_video
     from motiondirector.toyworld.render import parse_caption, render
-    from motiondirector.video_io import write_gif, write_video
 
     with reported_errors():
         if out.suffix.lower() not in (".mp4", ".gif"):
@@ -108,15 +108,13 @@ def report_command(
 
     import torch
 
-    from motiondirector.backbones import load_backbone
-    from motiondirector.storage import atomic_write
+    from motiondirector.api import atomic_write, load_backbone, write_grid_png
     from motiondirector.toyworld.evaluate import (
         TOY_SAMPLING,
         base_quality_report,
         replace_docs_section,
         report_markdown,
     )
-    from motiondirector.video_io import write_grid_png
 
     with reported_errors(), _progress() as progress:
         backbone = load_backbone(base, device)
@@ -170,7 +168,7 @@ def benchmark_command(
     """Table 1 in the toy world: base, coupled, dual_path_no_ad and dual_path on a held-out motion."""
     from dataclasses import replace
 
-    from motiondirector.backbones import load_backbone
+    from motiondirector.api import load_backbone
     from motiondirector.toyworld.benchmark import BenchmarkSettings, run_benchmark, table_markdown
     from motiondirector.toyworld.evaluate import TOY_SAMPLING, replace_docs_section
 
