@@ -211,17 +211,6 @@ def _restore(checkpoint: Any, run_dir: Path, config: Any, backbone: Any) -> int:
     return step
 
 
-def _rank_arguments(train: Callable[..., Any], rank: int, world_size: int) -> dict[str, int]:
-    """rank/world_size for train() where it takes them (the rank-aware loop of branch core)."""
-    import inspect
-
-    if "rank" in inspect.signature(train).parameters:
-        return {"rank": rank, "world_size": world_size}
-    if world_size != 1:
-        raise RuntimeError("data-parallel jobs (workers > 1) need the rank-aware train(rank=, world_size=)")
-    return {}
-
-
 def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function: one rank of one job."""
     import ray.train
@@ -254,7 +243,7 @@ def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
             summary, manifests = api.train_and_register(
                 config, run_dir, catalog, name=job["name"], tags=_tags(job, loop_config["batch_id"]),
                 description=_description(job), resume=resumed is not None, backbone=backbone,
-                observers=[reporter], **_rank_arguments(api.train, rank, world_size))
+                observers=[reporter], rank=rank, world_size=world_size)
         except (ValueError, FileNotFoundError) as error:  # bad data or config: deterministic, no retry
             return {"error": f"{type(error).__name__}: {error}"}
         seconds = time.perf_counter() - began
