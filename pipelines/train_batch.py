@@ -389,7 +389,7 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
     if pending:
         if not ray.is_initialized():
             ray.init()
-        board = ProgressBoard.remote()
+        board = ProgressBoard.options(max_restarts=-1).remote()  # progress only: a restart loses nothing
         total = ray.cluster_resources()
         capacity = {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)}
         for job in pending:
@@ -406,7 +406,9 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
                 job = queue.pop(0)
                 for k, v in _demand(job).items():
                     free[k] = free.get(k, 0.0) - v
-                ref = _fit_job.remote(job.payload(), job.resources.model_dump(), storage, spec.catalog, batch_id, board)
+                # A launcher whose process dies is retried: fit() resumes the run from its storage.
+                ref = _fit_job.options(max_retries=job.resources.max_failures).remote(
+                    job.payload(), job.resources.model_dump(), storage, spec.catalog, batch_id, board)
                 running[ref] = job
                 outcomes[job.job_id].state = "running"
             if not running:  # nothing fits while nothing runs: cannot happen after the capacity check
@@ -416,10 +418,10 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
                 job = running.pop(ref)
                 for k, v in _demand(job).items():
                     free[k] = free.get(k, 0.0) + v
-                _finish(outcomes[job.job_id], ray.get(ref))
+                _finish(outcomes[job.job_id], _outcome(ref))
             if on_update is not None:
-                on_update(snapshot(ray.get(board.snapshot.remote())))
-        live = ray.get(board.snapshot.remote())
+                on_update(snapshot(_live(board)))
+        live = _live(board)
         for job_id, values in live.items():
             outcomes[job_id].rank_digests = {int(k): v for k, v in values.get("rank_digests", {}).items()}
         ray.kill(board)
@@ -435,6 +437,22 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
     if on_update is not None:
         on_update(snapshot())
     return report
+
+
+def _outcome(ref: Any) -> dict[str, Any]:
+    """A launcher's result; its process dying past its retries fails the job (a re-run resumes it)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as error:
+        return {"state": "failed", "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+
+
+def _live(board: Any) -> dict[str, dict[str, Any]]:
+    """The progress board's snapshot, or nothing while it restarts."""
+    try:
+        return ray.get(board.snapshot.remote(), timeout=30)
+    except ray.exceptions.RayError:
+        return {}
 
 
 def _finish(outcome: JobOutcome, result: dict[str, Any]) -> None:
