@@ -234,15 +234,19 @@ def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
         except (api.ModelNotAvailableError, api.ModelTooLargeError) as error:
             return {"error": f"{type(error).__name__}: {error}"}  # the same on every attempt: no retry
         run_dir = workdir / "run"
-        checkpoint = ray.train.get_checkpoint()
-        resumed = _restore(checkpoint, run_dir, config, backbone) if checkpoint is not None else None
         reporter = _Reporter(job, rank, board, storage, backbone.unet)
         catalog = loop_config["catalog"] if rank == 0 else None
         began = time.perf_counter()
         try:
+            # The job's ingested records, read once here: an unset mode follows the data (images or
+            # videos), and the config.yaml a resumed attempt restores must say the mode the run had.
+            records = config.data.load(vae_id=backbone.vae_id)
+            config = config.with_data_kind(images=all(record.is_image for record in records))
+            checkpoint = ray.train.get_checkpoint()
+            resumed = _restore(checkpoint, run_dir, config, backbone) if checkpoint is not None else None
             summary, manifests = api.train_and_register(
                 config, run_dir, catalog, name=job["name"], tags=_tags(job, loop_config["batch_id"]),
-                description=_description(job), resume=resumed is not None, backbone=backbone,
+                description=_description(job), resume=resumed is not None, backbone=backbone, records=records,
                 observers=[reporter], rank=rank, world_size=world_size)
         except (ValueError, FileNotFoundError) as error:  # bad data or config: deterministic, no retry
             return {"error": f"{type(error).__name__}: {error}"}
