@@ -47,10 +47,12 @@ from motiondirector.events import (
     TrainStep,
     ValidationSample,
     emit,
+    progress_callback,
 )
+from motiondirector.generate import GenerationParams, initial_noise, noise_prior_latents
 from motiondirector.lora.inject import Router
 from motiondirector.lora.package import BaseModelRef, Manifest, atomic_write_bytes
-from motiondirector.sample import latent_shape, sample_videos
+from motiondirector.sample import sample_videos
 from motiondirector.train.checkpoint import (
     load_packages,
     read_training_state,
@@ -275,6 +277,7 @@ class _Run:
         self.device = backbone.device
         self.autocast = _autocast_factory(self.device, amp_dtype)
         self.tracker = _Tracker()
+        self.prior: torch.Tensor | None = None  # the validation noise prior (prepare_validation)
         self.router = Router(backbone.unet)  # after the adapters were installed
         self.paths = plan.parameter_paths(backbone.unet)
         self.groups = flat_groups(self.paths)
@@ -337,8 +340,34 @@ class _Run:
     def validation_prompts(self) -> list[str]:
         return self.config.validation.prompts or list(dict.fromkeys(r.caption for r in self.records))
 
+    def validation_reference(self) -> str:
+        """The noise prior's video: validation.reference, else the first training video."""
+        reference = self.config.validation.reference
+        if reference:
+            return reference
+        first = self.records[0]
+        if first.is_image:
+            raise ValueError("validation.noise_prior needs a video and the training data are images: set "
+                             "validation.reference")
+        return first.video_path
+
+    def prepare_validation(self) -> None:
+        """The noise prior of the validation samples (generate.py's DDIM inversion, cached on disk), computed
+        before the first step so that a bad reference fails at once; None without a prior."""
+        validation = self.config.validation
+        if not validation.every or validation.noise_prior == 0:
+            return
+        reference = self.validation_reference()
+        geometry = GenerationParams(base=self.backbone.model_id, prompts=["validation"], steps=validation.steps,
+                                    guidance=validation.guidance, frames=validation.frames,
+                                    height=validation.size[0], width=validation.size[1], fps=validation.fps)
+        with torch.random.fork_rng(devices=_rng_devices(self.device)), torch.no_grad(), self.autocast():
+            self.prior = noise_prior_latents(self.backbone, reference, geometry, cache_dir=self.config.cache_dir,
+                                             on_step=progress_callback(self.observers, "noise_prior", reference))
+
     def validate(self, step: int) -> None:
-        """Sample with the inference routing; isolated from the training RNG so it never changes the run."""
+        """Sample with the inference routing; isolated from the training RNG so it never changes the run.
+        Prompt i starts from the noise of seed `validation.seed + i`, mixed with the prior if one is set."""
         validation = self.config.validation
         settings = validation.sampling
         unet = self.backbone.unet
@@ -347,8 +376,8 @@ class _Run:
             unet.eval()  # no LoRA dropout while sampling
             try:
                 for index, prompt in enumerate(self.validation_prompts()):
-                    noise_generator = torch.Generator("cpu").manual_seed(validation.seed + index)
-                    noise = torch.randn(latent_shape(self.backbone, settings, 1), generator=noise_generator)
+                    noise = initial_noise(self.backbone, settings, validation.seed + index, self.prior,
+                                          validation.noise_prior)
                     frames = sample_videos(self.backbone, [prompt], settings, initial_noise=noise)[0]
                     stem = self.layout.samples / f"step-{step}-{index}"
                     files = {"mp4": write_video(frames, stem.with_suffix(".mp4"), fps=validation.fps),
@@ -491,6 +520,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
         engine.prepare(run.paths, config.optimizer, fp16_loss_scaling=amp_dtype == torch.float16, ranks=ranks)
         if engine_state is not None:
             engine.load_state_dict(engine_state)
+        ranks.on_main(run.prepare_validation)
         was_training = unet.training
         unet.train()  # LoRA dropout on
         try:
