@@ -147,9 +147,18 @@ def test_streams_and_shards():
         shard(0, 0, 1)
 
 
-def test_rank_arguments_without_a_process_group():
+def test_rank_arguments_and_the_process_group(monkeypatch):
+    # (a DeepSpeed test may have initialised a world of one in this process: pretend either way)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     assert resolve_ranks() == Ranks(0, 1)
     with pytest.raises(ValueError, match="needs an initialised torch.distributed"):
         resolve_ranks(1, 2)
     with pytest.raises(ValueError, match="need 0 <= rank"):
         resolve_ranks(1, 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    assert resolve_ranks() == resolve_ranks(1, 3) == resolve_ranks(world_size=3) == Ranks(1, 3)
+    with pytest.raises(ValueError, match="rank 0 of 3 given, but torch.distributed says rank 1 of 3"):
+        resolve_ranks(0)
