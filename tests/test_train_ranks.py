@@ -16,7 +16,7 @@ from test_train_loop import make_config, metrics, weights
 from motiondirector.events import CheckpointWritten, Recorder, TrainStarted, TrainStep
 from motiondirector.train.engine import _free_port
 from motiondirector.train.loop import TrainingInterrupted, train
-from motiondirector.train.ranks import Ranks, resolve_ranks, shard, stream_seed
+from motiondirector.train.ranks import Ranks, resolve_ranks, shard, shard_group, stream_seed
 from motiondirector.train.synthetic import synthetic_records
 
 # Two videos (two spatial LoRAs), spatial skips and LoRA dropout: adapters sit steps out on one rank
@@ -140,11 +140,16 @@ def test_streams_and_shards():
     # same inputs, same seed; any changed input, another one
     assert stream_seed(0, 0, 1, 0) == stream_seed(0, 0, 1, 0)
     assert len({stream_seed(*key) for key in [(0, 0, 1, 0), (1, 0, 1, 0), (0, 1, 1, 0), (0, 0, 2, 0), (0, 0, 1, 1)]}) == 5
-    assert [shard(5, slot, 2) for slot in range(2)] == [[0, 2, 4], [1, 3]]
+    assert [shard(range(5), slot, 2) for slot in range(2)] == [[0, 2, 4], [1, 3]]
     # fewer records than slots: slot g takes record g mod n
-    assert [shard(2, slot, 4) for slot in range(4)] == [[0], [1], [0], [1]]
+    assert [shard(range(2), slot, 4) for slot in range(4)] == [[0], [1], [0], [1]]
+    # an image and its mirrored copy (weighted variants of one source) stay in one shard
+    images = [shard_group(i, True, i // 2) for i in range(4)]  # 2 images x (original, mirrored)
+    assert [shard(images, slot, 2) for slot in range(2)] == [[0, 1], [2, 3]]
+    assert [shard(images[:2], slot, 2) for slot in range(2)] == [[0, 1], [0, 1]]
+    assert shard([shard_group(i, False, 0) for i in range(3)], 1, 2) == [1]  # clips of one video: per record
     with pytest.raises(ValueError, match="no records"):
-        shard(0, 0, 1)
+        shard([], 0, 1)
 
 
 def test_rank_arguments_and_the_process_group(monkeypatch):

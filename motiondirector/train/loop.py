@@ -62,7 +62,7 @@ from motiondirector.train.checkpoint import (
 from motiondirector.train.engine import AdapterGradients, DrawCounts, Engine, flat_groups, make_engine
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.plan import AdapterPlan, AdapterSpec, installed_adapters, plan_adapters
-from motiondirector.train.ranks import Ranks, draw_generator, resolve_ranks, seed_dropout, shard
+from motiondirector.train.ranks import Ranks, draw_generator, resolve_ranks, seed_dropout, shard, shard_group
 from motiondirector.train.step import clip_tensors, draw_step, step_gradients
 from motiondirector.video_io import write_gif, write_video
 
@@ -395,7 +395,8 @@ class _Run:
     def run(self, start: int) -> None:
         config, ranks = self.config, self.ranks
         slots, total_slots = self.slots(), ranks.world_size * config.gradient_accumulation
-        shards = {slot: shard(len(self.records), slot, total_slots) for slot in slots}
+        groups = [shard_group(i, "weight" in r.extra, r.video_index) for i, r in enumerate(self.records)]
+        shards = {slot: shard(groups, slot, total_slots) for slot in slots}
         # Only this rank's clips go to the device.
         clips = {i: clip_tensors(self.records[i], self.device) for i in sorted(set().union(*shards.values()))}
         shapes = {i: (1, *self.records[i].latent_mean.shape) for i in clips}
