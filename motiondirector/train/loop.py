@@ -51,8 +51,9 @@ from motiondirector.events import (
 )
 from motiondirector.generate import GenerationParams, initial_noise, noise_prior_latents
 from motiondirector.lora.inject import Router
-from motiondirector.lora.package import BaseModelRef, Manifest, atomic_write_bytes
+from motiondirector.lora.package import BaseModelRef, Manifest
 from motiondirector.sample import sample_videos
+from motiondirector.storage import atomic_write
 from motiondirector.train.checkpoint import (
     load_packages,
     read_training_state,
@@ -60,6 +61,7 @@ from motiondirector.train.checkpoint import (
     write_packages,
 )
 from motiondirector.train.engine import AdapterGradients, DrawCounts, Engine, flat_groups, make_engine
+from motiondirector.train.guard import DivergenceGuard, TimestepSampler, TrainingDiverged
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.plan import AdapterPlan, AdapterSpec, installed_adapters, plan_adapters
 from motiondirector.train.ranks import Ranks, draw_generator, resolve_ranks, seed_dropout, shard, shard_group
@@ -67,7 +69,8 @@ from motiondirector.train.step import clip_tensors, draw_step, step_gradients
 from motiondirector.video_io import write_gif, write_video
 
 # Config keys that may differ when resuming: they do not change the weights a step produces.
-RESUMABLE_CHANGES = frozenset({"steps", "device", "log_every", "checkpoint_every", "validation", "cache_dir"})
+RESUMABLE_CHANGES = frozenset({"steps", "device", "log_every", "checkpoint_every", "validation", "cache_dir",
+                               "divergence"})
 _LOSS_WINDOW = 20  # manifests report each loss as the mean over its last N values
 
 
@@ -183,7 +186,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a crash mid-write
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    atomic_write(path, "".join(line + "\n" for line in kept).encode())
 
 
 # --- records -------------------------------------------------------------------------------------
@@ -193,7 +196,7 @@ def load_training_records(config: TrainConfig, backbone: BackboneSpec,
     """The data section -> cache records (encoded once and cached; see docs/data.md), or a `dataset:`
     reference's committed ingest output (docs/ingest.md: no VAE in the loop)."""
     from motiondirector.data.cache import load_records
-    from motiondirector.data.ingested import DatasetReference
+    from motiondirector.data.reference import DatasetReference
 
     if isinstance(config.data, DatasetReference):
         return config.data.load(vae_id=backbone.vae_id)
@@ -278,6 +281,10 @@ class _Run:
         self.autocast = _autocast_factory(self.device, amp_dtype)
         self.tracker = _Tracker()
         self.prior: torch.Tensor | None = None  # the validation noise prior (prepare_validation)
+        divergence = config.divergence
+        self.guard = DivergenceGuard(divergence.factor, divergence.window, divergence.enabled,
+                                     hint=f"; lower optimizer.lr (now {config.optimizer.lr:g}) or lora.rank (now "
+                                          f"{config.lora.rank}), or set divergence.enabled: false")
         self.router = Router(backbone.unet)  # after the adapters were installed
         self.paths = plan.parameter_paths(backbone.unet)
         self.groups = flat_groups(self.paths)
@@ -313,7 +320,7 @@ class _Run:
     def state_dict(self, step: int) -> dict[str, Any]:
         """No RNG state: every draw derives from (seed, slot, step). Called on every rank (the engine may gather)."""
         return {"step": step, "world_size": self.ranks.world_size, "engine": self.engine.state_dict(),
-                "tracker": self.tracker.state_dict()}
+                "tracker": self.tracker.state_dict(), "guard": self.guard.state_dict()}
 
     def restore(self, step: int) -> dict[str, Any]:
         """Weights and bookkeeping of checkpoint `step`, read by rank 0 and given to every rank; returns
@@ -326,6 +333,8 @@ class _Run:
         state = self.ranks.on_main(read)
         self.ranks.broadcast_parameters([p for params in self.groups.values() for p in params])
         self.tracker = _Tracker.from_state(state["tracker"])
+        if "guard" in state:  # checkpoints written before the guard existed start it afresh
+            self.guard.load_state_dict(state["guard"])
         return state["engine"]
 
     def checkpoint(self, step: int) -> Path:
@@ -404,6 +413,7 @@ class _Run:
         weights = {i: float(self.records[i].extra.get("weight", 1.0)) for i in clips}
         skip_probability = config.spatial_skip_probability if config.mode.startswith("dual_path") else 0.0
         num_timesteps = self.backbone.scheduler.config.num_train_timesteps
+        timesteps = TimestepSampler(num_timesteps, config.timesteps.high_share, config.timesteps.high_from)
         emit(self.observers, TrainStarted(str(self.layout.root), start, config.steps, ranks.rank, ranks.world_size))
         metrics_file = contextlib.nullcontext(None)
         if ranks.is_main:
@@ -419,7 +429,8 @@ class _Run:
                     positions = shards[slot]
                     draw = draw_step(draw_generator(config.seed, slot, step), [shapes[i] for i in positions],
                                      num_timesteps, skip_probability,
-                                     torch.tensor([weights[i] for i in positions], dtype=torch.float64))
+                                     torch.tensor([weights[i] for i in positions], dtype=torch.float64),
+                                     timesteps=timesteps)
                     draw = dataclasses.replace(draw, record=positions[draw.record])
                     seed_dropout(config.seed, slot, step)  # LoRA dropout draws from torch's global RNG
                     result = step_gradients(self.backbone, self.plan, self.router, self.groups, config.mode,
@@ -433,6 +444,7 @@ class _Run:
                     losses.append(result.losses)
                 updated = self.engine.step(sums, counts)
                 scalars = self.track(draws, losses, updated)
+                self.check_divergence(step, scalars)
                 entry = {"step": step, **scalars, **self.describe(draws), "updated": updated,
                          "seconds": round(time.perf_counter() - began, 4)}
                 if metrics is not None and (step % config.log_every == 0 or step == config.steps):
@@ -448,6 +460,17 @@ class _Run:
                     raise TrainingInterrupted(step, path)
                 if ranks.is_main and config.validation.every and step % config.validation.every == 0:
                     self.validate(step)
+
+    def check_divergence(self, step: int, losses: dict[str, float]) -> None:
+        """Every rank stops when any rank's losses diverged (one rank alone would leave the others waiting)."""
+        try:
+            self.guard.observe(step, losses)
+            diverged = None
+        except TrainingDiverged as error:
+            diverged = error
+        if self.ranks.any(diverged is not None):
+            raise diverged or TrainingDiverged(f"another rank's loss diverged at step {step}", step=step,
+                                               loss="another rank's")
 
     def track(self, draws: list, losses: list[dict[str, float]], updated: list[str]) -> dict[str, float]:
         """Record this rank's losses and the updates; returns each loss's mean over the draws computing it."""
@@ -506,7 +529,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
     engine = engine if engine is not None else make_engine(config.engine)
     if ranks.is_main:
         layout.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(layout.config, config.to_yaml().encode())
+        atomic_write(layout.config, config.to_yaml().encode())
         layout.summary.unlink(missing_ok=True)  # the run is incomplete until it is rewritten
 
     unet = backbone.unet
@@ -547,5 +570,5 @@ def _finish(run: _Run, start: int | None, began: float) -> RunSummary:
         checkpoints=layout.checkpoint_steps(),
         samples=sorted(str(p) for p in layout.samples.glob("*")) if layout.samples.is_dir() else [],
         seconds=round(time.perf_counter() - began, 3))
-    atomic_write_bytes(layout.summary, json.dumps(summary.to_json(), indent=2).encode())
+    atomic_write(layout.summary, json.dumps(summary.to_json(), indent=2).encode())
     return summary
