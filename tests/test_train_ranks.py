@@ -25,10 +25,10 @@ OVERRIDES = ("steps=4", "spatial_skip_probability=0.5", "optimizer.weight_decay=
 TIMEOUT_S = 300
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str, tmp: str, overrides: tuple[str, ...]) -> None:
-    """One rank: an interrupted run (rank 0 gets SIGTERM after step 2), then --resume to the end."""
+def _rank_main(rank: int, world: int, port: int, model_dir: str, tmp: str,
+               runs: dict[str, tuple[str, ...]]) -> None:
+    """One rank of each run in turn (one process start for all: spawning costs most of the time)."""
     from motiondirector.backbones import load_backbone
-    from motiondirector.lora.inject import adapter_parameters
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -36,37 +36,47 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, tmp: str, overr
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         backbone = load_backbone(model_dir, "cpu")
-        records = synthetic_records(backbone, videos=2)
-        config = make_config(*overrides)
-        out = Path(tmp) / f"rank{rank}"  # each rank names its own folder: only rank 0's may appear
-        recorder, final, resumed = Recorder(), {}, []
-
-        def observe(event):
-            recorder(event)
-            if isinstance(event, TrainStep) and event.step == 2 and rank == 0 and not resumed:
-                os.kill(os.getpid(), signal.SIGTERM)  # one rank stops: all must checkpoint and stop
-            if isinstance(event, TrainStep) and event.step == config.steps:
-                final.update({name: [p.detach().clone() for p in adapter_parameters(backbone.unet, name)]
-                              for name in ("spatial_0", "spatial_1", "temporal")})
-
-        interrupted = None
-        try:
-            train(config, out, backbone=backbone, records=records, observers=[observe])
-        except TrainingInterrupted as stopped:
-            interrupted = stopped.step
-        resumed.append(True)
-        summary = train(config, out, resume=True, backbone=backbone, records=records, observers=[observe])
-        torch.save({"interrupted": interrupted, "summary": summary.to_json(), "weights": final,
-                    "steps": [e.metrics for e in recorder.of(TrainStep)],
-                    "started": [(e.rank, e.world_size, e.start_step) for e in recorder.of(TrainStarted)],
-                    "checkpoints": [e.step for e in recorder.of(CheckpointWritten)]},
-                   Path(tmp) / f"result-{rank}.pt")
+        for label, overrides in runs.items():
+            _interrupted_and_resumed(rank, backbone, Path(tmp) / label, overrides)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def run_ranks(world: int, tiny_model_dir: Path, tmp: Path, overrides: tuple[str, ...]) -> list[dict]:
-    context = mp.start_processes(_rank_main, args=(world, _free_port(), str(tiny_model_dir), str(tmp), overrides),
+def _interrupted_and_resumed(rank: int, backbone, tmp: Path, overrides: tuple[str, ...]) -> None:
+    """One rank's run: interrupted (rank 0 gets SIGTERM after step 2), then --resume to the end."""
+    from motiondirector.lora.inject import adapter_parameters
+
+    records = synthetic_records(backbone, videos=2)
+    config = make_config(*overrides)
+    out = tmp / f"rank{rank}"  # each rank names its own folder: only rank 0's may appear
+    recorder, final, resumed = Recorder(), {}, []
+
+    def observe(event):
+        recorder(event)
+        if isinstance(event, TrainStep) and event.step == 2 and rank == 0 and not resumed:
+            os.kill(os.getpid(), signal.SIGTERM)  # one rank stops: all must checkpoint and stop
+        if isinstance(event, TrainStep) and event.step == config.steps:
+            final.update({name: [p.detach().clone() for p in adapter_parameters(backbone.unet, name)]
+                          for name in ("spatial_0", "spatial_1", "temporal")})
+
+    interrupted = None
+    try:
+        train(config, out, backbone=backbone, records=records, observers=[observe])
+    except TrainingInterrupted as stopped:
+        interrupted = stopped.step
+    resumed.append(True)
+    summary = train(config, out, resume=True, backbone=backbone, records=records, observers=[observe])
+    torch.save({"interrupted": interrupted, "summary": summary.to_json(), "weights": final,
+                "steps": [e.metrics for e in recorder.of(TrainStep)],
+                "started": [(e.rank, e.world_size, e.start_step) for e in recorder.of(TrainStarted)],
+                "checkpoints": [e.step for e in recorder.of(CheckpointWritten)]},
+               tmp / f"result-{rank}.pt")
+
+
+def run_ranks(world: int, tiny_model_dir: Path, tmp: Path, runs: dict[str, tuple[str, ...]]) -> dict[str, list[dict]]:
+    for label in runs:
+        (tmp / label).mkdir()
+    context = mp.start_processes(_rank_main, args=(world, _free_port(), str(tiny_model_dir), str(tmp), runs),
                                  nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
@@ -74,7 +84,8 @@ def run_ranks(world: int, tiny_model_dir: Path, tmp: Path, overrides: tuple[str,
             for process in context.processes:
                 process.kill()
             pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp / f"result-{rank}.pt", weights_only=False) for rank in range(world)]
+    return {label: [torch.load(tmp / label / f"result-{rank}.pt", weights_only=False) for rank in range(world)]
+            for label in runs}
 
 
 def accumulated_reference(tiny_backbone, tmp_path: Path, overrides: tuple[str, ...]) -> Path:
@@ -120,20 +131,17 @@ def check_two_ranks(results: list[dict], tmp_path: Path, reference: Path, atol: 
             torch.testing.assert_close(got[name][key], tensor, rtol=0, atol=atol, msg=f"{name}: {key}")
 
 
-def test_two_ranks_on_gloo_match_one_rank_accumulating_their_draws(tiny_model_dir, tiny_backbone, tmp_path):
-    """Tolerance: 1e-6 absolute per LoRA weight after 4 steps (the sums are the same floats; in practice exact)."""
+def test_two_ranks_on_gloo_torch_and_deepspeed_zero2_match_one_rank_accumulating_their_draws(
+        tiny_model_dir, tiny_backbone, tmp_path):
+    """Both engines, each interrupted and resumed. DeepSpeed: ZeRO-2 over 2 ranks that draw their own
+    clips (adapters computed on one rank only), resumed from a checkpoint holding both ranks'
+    optimizer partitions. Tolerance: 1e-6 absolute per LoRA weight after 4 steps (measured: 0.0)."""
     torch.set_num_threads(1)
-    results = run_ranks(2, tiny_model_dir, tmp_path, OVERRIDES)
-    check_two_ranks(results, tmp_path, accumulated_reference(tiny_backbone, tmp_path, OVERRIDES), atol=1e-6)
-
-
-def test_two_ranks_deepspeed_zero2_with_per_rank_draws(tiny_model_dir, tiny_backbone, tmp_path):
-    """ZeRO-2 over 2 ranks, each drawing its own clips (some adapters computed on one rank only), resumed
-    from a checkpoint holding both ranks' optimizer partitions. Tolerance: 1e-6 absolute per weight."""
-    torch.set_num_threads(1)
-    overrides = (*OVERRIDES, "engine.kind=deepspeed", "engine.zero_stage=2")
-    results = run_ranks(2, tiny_model_dir, tmp_path, overrides)
-    check_two_ranks(results, tmp_path, accumulated_reference(tiny_backbone, tmp_path, OVERRIDES), atol=1e-6)
+    runs = {"torch": OVERRIDES, "deepspeed": (*OVERRIDES, "engine.kind=deepspeed", "engine.zero_stage=2")}
+    results = run_ranks(2, tiny_model_dir, tmp_path, runs)
+    reference = accumulated_reference(tiny_backbone, tmp_path, OVERRIDES)
+    for label in runs:
+        check_two_ranks(results[label], tmp_path / label, reference, atol=1e-6)
 
 
 def test_streams_and_shards():
