@@ -28,6 +28,8 @@ FLOORS: list[tuple[str, set[str]]] = [
     ("LoRA packages", {"lora"}),
     # The training config composes the data, LoRA and sampling settings; metrics read videos.
     ("settings and metrics", {"config", "metrics"}),
+    # The DDIM-inverted reference clip: generation's --noise-prior and training's validation samples.
+    ("noise prior", {"noise_prior"}),
     ("training", {"train"}),
     # Generation resolves run folders and checkpoints (train/resolve.py); the catalog registers runs.
     ("generation and catalog", {"generate", "animate", "catalog"}),

@@ -10,6 +10,7 @@ from test_package import random_lora_state, write_random_package, write_run
 from typer.testing import CliRunner
 
 from motiondirector import generate as generation
+from motiondirector import noise_prior
 from motiondirector.cli import app
 from motiondirector.commands.common import ExitCode
 from motiondirector.generate import (
@@ -147,15 +148,15 @@ def test_wrong_kind_or_base_is_refused_with_a_clear_error(tiny_model_dir, tiny_b
 def test_noise_prior_is_cached_and_mixed_into_the_initial_noise(tiny_backbone, car_turn, tmp_path, monkeypatch):
     params = fast_params("unused", noise_prior=0.25, reference_video=str(car_turn))
     inversions = []
-    real_invert = generation.ddim_invert
+    real_invert = noise_prior.ddim_invert
 
     def counting_invert(backbone, latents, steps, **kwargs):
         inversions.append(steps)
         return real_invert(backbone, latents, steps=steps, **kwargs)
 
-    assert generation.NOISE_PRIOR_INVERSION_STEPS == 50  # the method's; fewer here to keep the test fast
-    monkeypatch.setattr(generation, "NOISE_PRIOR_INVERSION_STEPS", 4)
-    monkeypatch.setattr(generation, "ddim_invert", counting_invert)
+    assert noise_prior.INVERSION_STEPS == 50  # the method's; fewer here to keep the test fast
+    monkeypatch.setattr(noise_prior, "INVERSION_STEPS", 4)
+    monkeypatch.setattr(noise_prior, "ddim_invert", counting_invert)
     first = generation.noise_prior_latents(tiny_backbone, car_turn, params, cache_dir=tmp_path / "cache")
     again = generation.noise_prior_latents(tiny_backbone, car_turn, params, cache_dir=tmp_path / "cache")
     assert inversions == [4]  # the second call read the cache
