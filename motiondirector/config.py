@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from motiondirector.backbones.defaults import ModelDefaults
 from motiondirector.data.reference import DatasetReference
 from motiondirector.data.sources import DatasetSpec
 from motiondirector.errors import describe_validation_error
@@ -70,15 +71,24 @@ class ValidationSection(_Section):
 
     every: int = Field(0, ge=0, description="Sample every N steps and at the end; 0 = never.")
     prompts: list[str] = Field(default_factory=list, description="Empty: the training captions.")
-    steps: int = Field(30, ge=1)
-    guidance: float = Field(12.0, ge=0)
-    frames: int = Field(16, ge=1)
-    size: tuple[int, int] = (384, 384)
-    fps: float = Field(8.0, gt=0)
+    # Unset: the base model's own sampling settings, frames, size and fps (backbones/defaults.py).
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=0)
+    frames: int | None = Field(None, ge=1)
+    size: tuple[int, int] | None = None
+    fps: float | None = Field(None, gt=0)
     seed: int = 0
+
+    def with_model_defaults(self, defaults: ModelDefaults) -> ValidationSection:
+        native = {"steps": defaults.steps, "guidance": defaults.guidance, "frames": defaults.frames,
+                  "size": (defaults.height, defaults.width), "fps": defaults.fps}
+        return self.model_copy(update={k: v for k, v in native.items() if getattr(self, k) is None})
 
     @property
     def sampling(self) -> SamplingSettings:
+        if None in (self.steps, self.guidance, self.frames, self.size):
+            raise ValueError("validation sampling settings are unset: apply the base model's defaults first "
+                             "(TrainConfig.with_model_defaults)")
         return SamplingSettings(steps=self.steps, guidance=self.guidance, frames=self.frames,
                                 height=self.size[0], width=self.size[1])
 
@@ -133,6 +143,14 @@ class TrainConfig(_Section):
         if self.spatial_lora == "auto":
             return "shared" if images else "per_video"
         return self.spatial_lora
+
+    def with_model_defaults(self, defaults: ModelDefaults) -> TrainConfig:
+        """Unset data geometry and validation settings taken from the base model (recorded in the run's
+        config.yaml, so a resumed or replayed run uses the same values)."""
+        update: dict[str, Any] = {"validation": self.validation.with_model_defaults(defaults)}
+        if isinstance(self.data, DatasetSpec):
+            update["data"] = self.data.with_model_defaults(defaults)
+        return self.model_copy(update=update)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

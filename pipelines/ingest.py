@@ -250,6 +250,7 @@ def run_ingest(spec: IngestSpec, *, prune_after: bool = False) -> IngestResult:
     """Ingest every dataset of `spec` into `spec.output` on the connected (or a new local) Ray cluster."""
     if not spec.output:
         raise ValueError("ingest spec has no `output`: set it in the spec or pass --output")
+    spec = spec.with_model_defaults()
     started = time.perf_counter()
     if not ray.is_initialized():
         ray.init()

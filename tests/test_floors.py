@@ -31,7 +31,7 @@ FLOORS: list[tuple[str, set[str]]] = [
     ("training", {"train"}),
     # Generation resolves run folders and checkpoints (train/resolve.py); the catalog registers runs.
     ("generation and catalog", {"generate", "catalog"}),
-    ("public API and recipes", {"api", "toyworld", "__init__"}),
+    ("public API and recipes", {"api", "animate", "toyworld", "__init__"}),
     ("Ray layers", {"pipelines", "serve"}),
     ("command line", {"cli", "commands", "__main__"}),
 ]

@@ -178,7 +178,7 @@ def test_training_consumes_the_ingest_output_without_the_vae(first_run, tiny_mod
         raise AssertionError("training encoded video although the dataset is ingested")
 
     monkeypatch.setattr(tiny_backbone, "encode_video", no_vae)
-    summary = train(config, tmp_path / "run", backbone=tiny_backbone, progress=False)
+    summary = train(config, tmp_path / "run", backbone=tiny_backbone)
     assert summary.steps == 2 and summary.routing == "per_video" and len(summary.packages["spatial"]) == 4
     ingested = read_ingested(str(output), "bicycle")
     manifest = read_manifest(summary.packages["temporal"])

@@ -31,6 +31,7 @@ def _videos(folder: Path, count: int, frames: int = 8) -> Path:
 
 def _ingest_in_process(store: IngestStore, spec: DatasetSpec, backbone) -> tuple[str | None, dict[str, int]]:
     """One run through the same library stages the Ray plan distributes; returns (commit, work counts)."""
+    spec = spec.with_model_defaults(backbone.defaults)  # as run_ingest does (IngestSpec.with_model_defaults)
     index = RowIndex.committed(store.state())
     works = [work for item in list_items(spec)
              for work in decode_works(plan_works(item, spec, index, backbone.vae_id, backbone.text_encoder_id))]
@@ -85,7 +86,7 @@ def test_dataset_reference():
 
 def test_commits_incremental_text_only_and_prune(tmp_path, tiny_backbone, monkeypatch):
     videos = _videos(tmp_path / "videos", 3)
-    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, size=(32, 32))
+    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, fps=8.0, size=(32, 32))
     store = IngestStore(str(tmp_path / "out"))
 
     first, counts = _ingest_in_process(store, spec, tiny_backbone)
@@ -137,7 +138,7 @@ def test_commits_incremental_text_only_and_prune(tmp_path, tiny_backbone, monkey
 
 def test_positions_follow_the_dataset_and_uncommitted_files_are_invisible(tmp_path, tiny_backbone):
     videos = _videos(tmp_path / "videos", 2)
-    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, size=(32, 32))
+    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, fps=8.0, size=(32, 32))
     store = IngestStore(str(tmp_path / "out"))
     _ingest_in_process(store, spec, tiny_backbone)
     # A copy of clip1 sorts first: it shares clip1's committed row (same bytes and caption), and the
@@ -160,7 +161,7 @@ def test_positions_follow_the_dataset_and_uncommitted_files_are_invisible(tmp_pa
 
 def test_memory_filesystem_commits(tiny_backbone, tmp_path):
     videos = _videos(tmp_path / "videos", 1)
-    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, size=(32, 32))
+    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, fps=8.0, size=(32, 32))
     store = IngestStore(f"memory://ingest-{new_run_id()}")
     commit, _ = _ingest_in_process(store, spec, tiny_backbone)
     assert store.commit_names() == [commit]

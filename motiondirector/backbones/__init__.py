@@ -18,12 +18,14 @@ from motiondirector.backbones.base import (
     ModelNotAvailableError,
     ModelTooLargeError,
 )
+from motiondirector.backbones.defaults import ModelDefaults, model_defaults
 from motiondirector.backbones.unet3d import UNet3DSpec
 from motiondirector.storage import local_path
 
 __all__ = [
     "BackboneSpec",
     "LatentDistribution",
+    "ModelDefaults",
     "ModelNotAvailableError",
     "ModelTooLargeError",
     "load_backbone",
@@ -31,6 +33,7 @@ __all__ = [
     "resolve_device",
     "resolve_model_folder",
     "embedded_models",
+    "defaults_for",
 ]
 
 # Denoiser class name (unet/config.json `_class_name`) -> specification.
@@ -141,7 +144,9 @@ def load_backbone(base: str, device: str | torch.device | None = None,
             f"{folder / 'unet' / 'config.json'}: denoiser class {class_name!r} is not supported; "
             f"supported: {', '.join(FAMILIES)}")
     check_fits(folder, device, dtype)
-    return FAMILIES[class_name].from_folder(folder, model_id=model_id(base), device=device, dtype=dtype)
+    backbone = FAMILIES[class_name].from_folder(folder, model_id=model_id(base), device=device, dtype=dtype)
+    backbone.defaults = model_defaults(backbone.model_id, folder)
+    return backbone
 
 
 def model_id(base: str) -> str:
@@ -151,3 +156,8 @@ def model_id(base: str) -> str:
         return base
     path = local_path(base)
     return str(path.resolve()) if path.is_dir() else base
+
+
+def defaults_for(base: str) -> ModelDefaults:
+    """The model-aware defaults of `base` without loading its weights (reads config files only)."""
+    return model_defaults(model_id(base), resolve_model_folder(base))

@@ -55,6 +55,13 @@ class IngestSpec(BaseModel):
     def base_of(self, dataset: IngestDataset) -> str:
         return str(dataset.base or self.base)
 
+    def with_model_defaults(self) -> IngestSpec:
+        """Each dataset's unset frames / fps / size taken from the base model that encodes it."""
+        from motiondirector.backbones import defaults_for
+
+        return self.model_copy(update={"datasets": [
+            dataset.with_model_defaults(defaults_for(self.base_of(dataset))) for dataset in self.datasets]})
+
 
 def load_ingest_spec(path: str | Path, *, base: str | None = None, output: str | None = None) -> IngestSpec:
     """Read SPEC.yaml. Relative source paths and `output` are resolved against the spec file's folder.

@@ -173,7 +173,7 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
             else:
                 summary = train(train_config(settings, backbone, mode, videos, reference.caption),
                                 out / "runs" / f"{videos}v-{mode}", overwrite=True, backbone=backbone,
-                                records=records, progress=False)
+                                records=records)
                 train_seconds = summary.seconds
                 with composed(backbone, _inference_choices(summary.packages, mode)):
                     frames = generate_scenes(backbone, scenes, seeds, settings.sampling)

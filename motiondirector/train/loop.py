@@ -6,7 +6,9 @@ injects the adapters (train/plan.py), runs the steps (train/step.py) through an 
 all randomness is seeded from `config.seed` and checkpointed, so the same config, seed and thread
 count give bit-identical LoRA weights, and resuming from a checkpoint gives the same final weights
 as an uninterrupted run. SIGINT/SIGTERM finish the current step, write a checkpoint and raise
-`TrainingInterrupted`.
+`TrainingInterrupted`. Progress is reported to observers (motiondirector/events.py): TrainStarted,
+a TrainStep after every step, CheckpointWritten, ValidationSample, TrainFinished; the loop itself
+draws nothing and writes no TensorBoard events (the CLI attaches those, commands/observers.py).
 """
 
 from __future__ import annotations
@@ -18,20 +20,27 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from motiondirector.backbones import load_backbone, resolve_device
+from motiondirector.backbones import defaults_for, load_backbone, resolve_device
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.config import ConfigError, TrainConfig, validate_config
 from motiondirector.data.records import CacheRecord
+from motiondirector.events import (
+    CheckpointWritten,
+    Observer,
+    TrainFinished,
+    TrainStarted,
+    TrainStep,
+    ValidationSample,
+    emit,
+)
 from motiondirector.lora.inject import Router
 from motiondirector.lora.package import BaseModelRef, Manifest
 from motiondirector.sample import latent_shape, sample_videos
@@ -158,7 +167,8 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 # --- records -------------------------------------------------------------------------------------
 
-def load_training_records(config: TrainConfig, backbone: BackboneSpec, progress: bool) -> list[CacheRecord]:
+def load_training_records(config: TrainConfig, backbone: BackboneSpec,
+                          observers: Sequence[Observer] = ()) -> list[CacheRecord]:
     """The data section -> cache records (encoded once and cached; see docs/data.md), or a `dataset:`
     reference's committed ingest output (docs/ingest.md: no VAE in the loop)."""
     from motiondirector.data.cache import load_records
@@ -167,7 +177,7 @@ def load_training_records(config: TrainConfig, backbone: BackboneSpec, progress:
     if isinstance(config.data, DatasetReference):
         return config.data.load(vae_id=backbone.vae_id)
 
-    return load_records(config.data, backbone, cache_dir=config.cache_dir, progress=progress)
+    return load_records(config.data, backbone, cache_dir=config.cache_dir, observers=observers)
 
 
 def check_records(records: list[CacheRecord], backbone: BackboneSpec) -> None:
@@ -233,21 +243,16 @@ def _stop_requests() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                    TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
-                    console=Console(stderr=True), disable=not enabled)
-
-
 # --- the run --------------------------------------------------------------------------------------
 
 class _Run:
     """State of one train() call; methods are the loop's phases."""
 
     def __init__(self, config: TrainConfig, layout: RunLayout, backbone: BackboneSpec, records: list[CacheRecord],
-                 plan: AdapterPlan, engine: Engine, amp_dtype: torch.dtype | None) -> None:
+                 plan: AdapterPlan, engine: Engine, amp_dtype: torch.dtype | None,
+                 observers: Sequence[Observer]) -> None:
         self.config, self.layout, self.backbone, self.records = config, layout, backbone, records
-        self.plan, self.engine = plan, engine
+        self.plan, self.engine, self.observers = plan, engine, tuple(observers)
         self.device = backbone.device
         self.autocast = _autocast_factory(self.device, amp_dtype)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
@@ -304,8 +309,10 @@ class _Run:
         return state["engine"]
 
     def checkpoint(self, step: int) -> Path:
-        return write_checkpoint(self.layout, step, lambda layout: self.write_packages(layout, step),
+        path = write_checkpoint(self.layout, step, lambda layout: self.write_packages(layout, step),
                                 self.state_dict(step))
+        emit(self.observers, CheckpointWritten(step, path))
+        return path
 
     # validation ------------------------------------------------------------------------------------
     def validation_prompts(self) -> list[str]:
@@ -325,13 +332,14 @@ class _Run:
                     noise = torch.randn(latent_shape(self.backbone, settings, 1), generator=noise_generator)
                     frames = sample_videos(self.backbone, [prompt], settings, initial_noise=noise)[0]
                     stem = self.layout.samples / f"step-{step}-{index}"
-                    write_video(frames, stem.with_suffix(".mp4"), fps=validation.fps)
-                    write_gif(frames, stem.with_suffix(".gif"), fps=validation.fps)
+                    files = {"mp4": write_video(frames, stem.with_suffix(".mp4"), fps=validation.fps),
+                             "gif": write_gif(frames, stem.with_suffix(".gif"), fps=validation.fps)}
+                    emit(self.observers, ValidationSample(step, prompt, files))
             finally:
                 unet.train()
 
     # steps -------------------------------------------------------------------------------------------
-    def run(self, start: int, progress: bool, on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
+    def run(self, start: int) -> None:
         config = self.config
         shapes = [(1, *r.latent_mean.shape) for r in self.records]
         # Records carry a sampling weight where the data layer split one source into weighted variants.
@@ -340,66 +348,55 @@ class _Run:
         skip_probability = config.spatial_skip_probability if config.mode.startswith("dual_path") else 0.0
         num_timesteps = self.backbone.scheduler.config.num_train_timesteps
         _keep_metrics_until(self.layout.metrics, start)
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step drops events a crashed or interrupted attempt logged after the resumed step.
-        writer = SummaryWriter(str(self.layout.tensorboard), purge_step=start + 1)
+        emit(self.observers, TrainStarted(str(self.layout.root), start, config.steps))
         began = time.perf_counter()
-        with _stop_requests() as stop, _progress_bar(progress) as bar, \
-                open(self.layout.metrics, "a", encoding="utf-8") as metrics:
-            task = bar.add_task("train", total=config.steps, completed=start, rate="", losses="")
-            try:
-                for step in range(start + 1, config.steps + 1):
-                    draw = draw_step(self.generator, shapes, num_timesteps, skip_probability, weights)
-                    result = step_gradients(self.backbone, self.plan, self.router, self.groups, config.mode,
-                                            clips[draw.record], draw, ad_beta=config.ad_beta,
-                                            loss_scale=self.engine.scaler.scale, autocast=self.autocast)
-                    updated = self.engine.step(result.grads)
-                    scalars = result.losses
-                    for key, value in scalars.items():
-                        self.tracker.add(key, value)
-                    if "loss_spatial" in scalars:
-                        self.tracker.add(f"loss_{self.plan.spatial_for(draw.record)}", scalars["loss_spatial"])
-                    for adapter in updated:
-                        self.tracker.updates[adapter] = self.tracker.updates.get(adapter, 0) + 1
-                    entry = {"step": step, **scalars, "spatial_lora": self.plan.spatial_of_record[draw.record],
-                             "record": draw.record, "timestep": draw.timestep, "skip_spatial": draw.skip_spatial,
-                             "updated": updated, "seconds": round(time.perf_counter() - began, 4)}
-                    if step % config.log_every == 0 or step == config.steps:
-                        metrics.write(json.dumps(entry) + "\n")
-                        metrics.flush()
-                        for key, value in scalars.items():
-                            writer.add_scalar(f"train/{key}", value, step)
-                    rate = (step - start) / max(time.perf_counter() - began, 1e-9)
-                    bar.update(task, completed=step, rate=f"{rate:.2f} it/s",
-                               losses="  ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
-                    if on_step is not None:
-                        on_step(step, entry)
-                    stopping = stop.is_set() and step < config.steps
-                    if stopping or step == config.steps or (config.checkpoint_every
-                                                            and step % config.checkpoint_every == 0):
-                        path = self.checkpoint(step)
-                    if stopping:
-                        raise TrainingInterrupted(step, path)
-                    if config.validation.every and step % config.validation.every == 0:
-                        self.validate(step)
-            finally:
-                writer.close()
+        with _stop_requests() as stop, open(self.layout.metrics, "a", encoding="utf-8") as metrics:
+            for step in range(start + 1, config.steps + 1):
+                draw = draw_step(self.generator, shapes, num_timesteps, skip_probability, weights)
+                result = step_gradients(self.backbone, self.plan, self.router, self.groups, config.mode,
+                                        clips[draw.record], draw, ad_beta=config.ad_beta,
+                                        loss_scale=self.engine.scaler.scale, autocast=self.autocast)
+                updated = self.engine.step(result.grads)
+                scalars = result.losses
+                for key, value in scalars.items():
+                    self.tracker.add(key, value)
+                if "loss_spatial" in scalars:
+                    self.tracker.add(f"loss_{self.plan.spatial_for(draw.record)}", scalars["loss_spatial"])
+                for adapter in updated:
+                    self.tracker.updates[adapter] = self.tracker.updates.get(adapter, 0) + 1
+                entry = {"step": step, **scalars, "spatial_lora": self.plan.spatial_of_record[draw.record],
+                         "record": draw.record, "timestep": draw.timestep, "skip_spatial": draw.skip_spatial,
+                         "updated": updated, "seconds": round(time.perf_counter() - began, 4)}
+                if step % config.log_every == 0 or step == config.steps:
+                    metrics.write(json.dumps(entry) + "\n")
+                    metrics.flush()
+                rate = (step - start) / max(time.perf_counter() - began, 1e-9)
+                emit(self.observers, TrainStep(step, config.steps, dict(scalars), rate, entry))
+                stopping = stop.is_set() and step < config.steps
+                if stopping or step == config.steps or (config.checkpoint_every
+                                                        and step % config.checkpoint_every == 0):
+                    path = self.checkpoint(step)
+                if stopping:
+                    raise TrainingInterrupted(step, path)
+                if config.validation.every and step % config.validation.every == 0:
+                    self.validate(step)
 
 
 def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           backbone: BackboneSpec | None = None, records: list[CacheRecord] | None = None,
-          engine: Engine | None = None, progress: bool = True,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RunSummary:
+          engine: Engine | None = None, observers: Sequence[Observer] = ()) -> RunSummary:
     """Train the config's LoRAs into the run folder `out_dir`; see the module doc.
 
     `backbone` / `records` skip loading the base model / encoding the dataset (their adapters are
     removed again afterwards, so one backbone can serve several runs). `engine` defaults to the
-    config's (torch or DeepSpeed). `on_step(step, metrics)` is called after every step.
+    config's (torch or DeepSpeed). `observers` receive the run's events (motiondirector/events.py),
+    including Progress("cache", ...) while the dataset is encoded; an observer that raises stops the
+    run there (without a checkpoint).
     Raises TrainingInterrupted (checkpoint written) on SIGINT/SIGTERM, RunFolderError for an unusable
     OUT, ValueError for bad data, ModelNotAvailableError / ModelTooLargeError for the base model.
     """
     began = time.perf_counter()
+    config = config.with_model_defaults(backbone.defaults if backbone is not None else defaults_for(config.base))
     layout = RunLayout(Path(out_dir))
     start = prepare_run_folder(layout, config, resume=resume, overwrite=overwrite)
     device = backbone.device if backbone is not None else resolve_device(config.device)
@@ -409,7 +406,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
         frozen = amp_dtype if device.type == "cuda" and amp_dtype is not None else torch.float32
         backbone = load_backbone(config.base, device, dtype=frozen)
     if records is None:
-        records = load_training_records(config, backbone, progress)
+        records = load_training_records(config, backbone, observers)
     check_records(records, backbone)
     plan = plan_adapters(config, records, backbone)
     engine = engine if engine is not None else make_engine(config.engine)
@@ -423,7 +420,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
         torch.manual_seed(config.seed)  # LoRA dropout draws from the global RNG
         if config.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
-        run = _Run(config, layout, backbone, records, plan, engine, amp_dtype)
+        run = _Run(config, layout, backbone, records, plan, engine, amp_dtype, observers)
         # Weights before prepare(): DeepSpeed copies them into its fp32 partitions there.
         engine_state = run.restore(start) if start is not None else None
         engine.prepare(run.paths, config.optimizer, fp16_loss_scaling=amp_dtype == torch.float16)
@@ -432,7 +429,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
         was_training = unet.training
         unet.train()  # LoRA dropout on
         try:
-            run.run(start or 0, progress, on_step)
+            run.run(start or 0)
             packages = run.write_packages(layout, config.steps)
             if config.validation.every and config.steps % config.validation.every:
                 run.validate(config.steps)
@@ -447,4 +444,5 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
         samples=sorted(str(p) for p in layout.samples.glob("*")) if layout.samples.is_dir() else [],
         seconds=round(time.perf_counter() - began, 3))
     atomic_write(layout.summary, json.dumps(summary.to_json(), indent=2).encode())
+    emit(observers, TrainFinished(str(layout.root), config.steps, dict(summary.losses), summary.seconds))
     return summary
