@@ -107,7 +107,8 @@ class TrainConfig(_Section):
     device: str = "auto"
     seed: int = 0
     steps: int = Field(150, ge=1)
-    mode: Mode = "dual_path"
+    mode: Mode | None = Field(None, description="Unset: dual_path for videos, spatial_only for images "
+                                                "(temporal training is off for images, method.md).")
     lora: LoraSection = Field(default_factory=LoraSection)
     spatial_lora: Routing = Field("auto", description="auto: per_video for videos, shared for images.")
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
@@ -115,6 +116,7 @@ class TrainConfig(_Section):
     ad_beta: float = Field(1.0, ge=0.0)
     mixed_precision: Precision = Field("auto", description="auto: bf16 (fp16 without bf16) on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = True
+    gradient_accumulation: int = Field(1, ge=1, description="Draws per rank averaged into each optimizer step.")
     checkpoint_every: int = Field(50, ge=0, description="0: checkpoints only when interrupted.")
     validation: ValidationSection = Field(default_factory=ValidationSection)
     log_every: int = Field(1, ge=1)
@@ -135,6 +137,16 @@ class TrainConfig(_Section):
             raise ValueError(f"mode coupled trains one LoRA set on all data; spatial_lora must be 'shared' or "
                              f"'auto', not {self.spatial_lora!r}")
         return self
+
+    def mode_for(self, images: bool) -> Mode:
+        """The mode actually used, given whether the data are images: the user's, else the data's default."""
+        if self.mode is not None:
+            return self.mode
+        return "spatial_only" if images else "dual_path"
+
+    def with_data_kind(self, images: bool) -> TrainConfig:
+        """This config with an unset mode set from the data (recorded in the run's config.yaml)."""
+        return self if self.mode is not None else self.model_copy(update={"mode": self.mode_for(images)})
 
     def routing(self, images: bool) -> str:
         """The spatial LoRA routing actually used, given whether the data are images."""

@@ -144,9 +144,15 @@ def load_backbone(base: str, device: str | torch.device | None = None,
             f"{folder / 'unet' / 'config.json'}: denoiser class {class_name!r} is not supported; "
             f"supported: {', '.join(FAMILIES)}")
     check_fits(folder, device, dtype)
-    backbone = FAMILIES[class_name].from_folder(folder, model_id=model_id(base), device=device, dtype=dtype)
-    backbone.defaults = model_defaults(backbone.model_id, folder)
+    resolved_id = model_id(base)
+    backbone = FAMILIES[class_name].from_folder(folder, model_id=resolved_id, device=device, dtype=dtype)
+    backbone.defaults = model_defaults(resolved_id, folder)
     return backbone
+
+
+def defaults_for(base: str) -> ModelDefaults:
+    """The model-aware defaults of `base` without loading its weights (reads config files only)."""
+    return model_defaults(model_id(base), resolve_model_folder(base))
 
 
 def model_id(base: str) -> str:
@@ -156,8 +162,3 @@ def model_id(base: str) -> str:
         return base
     path = local_path(base)
     return str(path.resolve()) if path.is_dir() else base
-
-
-def defaults_for(base: str) -> ModelDefaults:
-    """The model-aware defaults of `base` without loading its weights (reads config files only)."""
-    return model_defaults(model_id(base), resolve_model_folder(base))

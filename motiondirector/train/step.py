@@ -1,8 +1,8 @@
 """One training step's randomness, forward and backward passes: the dual-path step of method.md.
 
-All randomness of a step comes from one CPU `torch.Generator`, drawn in a fixed order whatever the
+All randomness of a draw comes from one CPU `torch.Generator`, drawn in a fixed order whatever the
 mode, so a run is reproducible from (seed, generator state) and independent of the device. LoRA
-dropout uses torch's global RNG, which the loop seeds and checkpoints.
+dropout uses torch's global RNG, which the loop reseeds before every draw (train/ranks.py).
 """
 
 from __future__ import annotations
