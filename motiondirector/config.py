@@ -102,6 +102,25 @@ class EngineSection(_Section):
     zero_stage: Literal[1, 2] = 2
 
 
+class TimestepSection(_Section):
+    """Timestep emphasis: a share of steps draws t from [high_from, T) instead of [0, T).
+
+    On a zero-terminal-SNR base the motion is decided at high timesteps, where uniform draws spend
+    few steps (docs/toyworld.md); 0 keeps the uniform draw of the reference code.
+    """
+
+    high_share: float = Field(0.0, ge=0.0, le=1.0, description="Share of steps drawing t from [high_from, T).")
+    high_from: int = Field(800, ge=0, description="First timestep of the high range (must be < T).")
+
+
+class DivergenceSection(_Section):
+    """Stop a run whose loss explodes (e.g. a too-high lr or rank) instead of training garbage."""
+
+    enabled: bool = True
+    factor: float = Field(5.0, gt=1.0, description="Stop when a loss's recent mean exceeds factor × its early mean.")
+    window: int = Field(20, ge=1, description="Steps in the early and the recent mean (each loss separately).")
+
+
 class TrainConfig(_Section):
     base: str = Field(description="Base model: 'toy', a diffusers folder or a hub id.")
     device: str = "auto"
@@ -123,6 +142,8 @@ class TrainConfig(_Section):
     data: DataSection
     cache_dir: str | None = None
     engine: EngineSection = Field(default_factory=EngineSection)
+    timesteps: TimestepSection = Field(default_factory=TimestepSection)
+    divergence: DivergenceSection = Field(default_factory=DivergenceSection)
 
     @field_validator("data", mode="wrap")
     @classmethod

@@ -59,6 +59,7 @@ from motiondirector.train.checkpoint import (
     write_packages,
 )
 from motiondirector.train.engine import AdapterGradients, DrawCounts, Engine, flat_groups, make_engine
+from motiondirector.train.guard import DivergenceGuard, TimestepSampler, TrainingDiverged
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.plan import AdapterPlan, AdapterSpec, installed_adapters, plan_adapters
 from motiondirector.train.ranks import Ranks, draw_generator, resolve_ranks, seed_dropout, shard
@@ -66,7 +67,8 @@ from motiondirector.train.step import clip_tensors, draw_step, step_gradients
 from motiondirector.video_io import write_gif, write_video
 
 # Config keys that may differ when resuming: they do not change the weights a step produces.
-RESUMABLE_CHANGES = frozenset({"steps", "device", "log_every", "checkpoint_every", "validation", "cache_dir"})
+RESUMABLE_CHANGES = frozenset({"steps", "device", "log_every", "checkpoint_every", "validation", "cache_dir",
+                               "divergence"})
 _LOSS_WINDOW = 20  # manifests report each loss as the mean over its last N values
 
 
@@ -276,6 +278,10 @@ class _Run:
         self.device = backbone.device
         self.autocast = _autocast_factory(self.device, amp_dtype)
         self.tracker = _Tracker()
+        divergence = config.divergence
+        self.guard = DivergenceGuard(divergence.factor, divergence.window, divergence.enabled,
+                                     hint=f"; lower optimizer.lr (now {config.optimizer.lr:g}) or lora.rank (now "
+                                          f"{config.lora.rank}), or set divergence.enabled: false")
         self.router = Router(backbone.unet)  # after the adapters were installed
         self.paths = plan.parameter_paths(backbone.unet)
         self.groups = flat_groups(self.paths)
@@ -311,7 +317,7 @@ class _Run:
     def state_dict(self, step: int) -> dict[str, Any]:
         """No RNG state: every draw derives from (seed, slot, step). Called on every rank (the engine may gather)."""
         return {"step": step, "world_size": self.ranks.world_size, "engine": self.engine.state_dict(),
-                "tracker": self.tracker.state_dict()}
+                "tracker": self.tracker.state_dict(), "guard": self.guard.state_dict()}
 
     def restore(self, step: int) -> dict[str, Any]:
         """Weights and bookkeeping of checkpoint `step`, read by rank 0 and given to every rank; returns
@@ -324,6 +330,8 @@ class _Run:
         state = self.ranks.on_main(read)
         self.ranks.broadcast_parameters([p for params in self.groups.values() for p in params])
         self.tracker = _Tracker.from_state(state["tracker"])
+        if "guard" in state:  # checkpoints written before the guard existed start it afresh
+            self.guard.load_state_dict(state["guard"])
         return state["engine"]
 
     def checkpoint(self, step: int) -> Path:
@@ -375,6 +383,7 @@ class _Run:
         weights = {i: float(self.records[i].extra.get("weight", 1.0)) for i in clips}
         skip_probability = config.spatial_skip_probability if config.mode.startswith("dual_path") else 0.0
         num_timesteps = self.backbone.scheduler.config.num_train_timesteps
+        timesteps = TimestepSampler(num_timesteps, config.timesteps.high_share, config.timesteps.high_from)
         emit(self.observers, TrainStarted(str(self.layout.root), start, config.steps, ranks.rank, ranks.world_size))
         metrics_file = contextlib.nullcontext(None)
         if ranks.is_main:
@@ -390,7 +399,8 @@ class _Run:
                     positions = shards[slot]
                     draw = draw_step(draw_generator(config.seed, slot, step), [shapes[i] for i in positions],
                                      num_timesteps, skip_probability,
-                                     torch.tensor([weights[i] for i in positions], dtype=torch.float64))
+                                     torch.tensor([weights[i] for i in positions], dtype=torch.float64),
+                                     timesteps=timesteps)
                     draw = dataclasses.replace(draw, record=positions[draw.record])
                     seed_dropout(config.seed, slot, step)  # LoRA dropout draws from torch's global RNG
                     result = step_gradients(self.backbone, self.plan, self.router, self.groups, config.mode,
@@ -404,6 +414,7 @@ class _Run:
                     losses.append(result.losses)
                 updated = self.engine.step(sums, counts)
                 scalars = self.track(draws, losses, updated)
+                self.check_divergence(step, scalars)
                 entry = {"step": step, **scalars, **self.describe(draws), "updated": updated,
                          "seconds": round(time.perf_counter() - began, 4)}
                 if metrics is not None and (step % config.log_every == 0 or step == config.steps):
@@ -419,6 +430,17 @@ class _Run:
                     raise TrainingInterrupted(step, path)
                 if ranks.is_main and config.validation.every and step % config.validation.every == 0:
                     self.validate(step)
+
+    def check_divergence(self, step: int, losses: dict[str, float]) -> None:
+        """Every rank stops when any rank's losses diverged (one rank alone would leave the others waiting)."""
+        try:
+            self.guard.observe(step, losses)
+            diverged = None
+        except TrainingDiverged as error:
+            diverged = error
+        if self.ranks.any(diverged is not None):
+            raise diverged or TrainingDiverged(f"another rank's loss diverged at step {step}", step=step,
+                                               loss="another rank's")
 
     def track(self, draws: list, losses: list[dict[str, float]], updated: list[str]) -> dict[str, float]:
         """Record this rank's losses and the updates; returns each loss's mean over the draws computing it."""
