@@ -80,6 +80,8 @@ class GenerationParams(BaseModel):
     height: int | None = Field(None, ge=8)
     width: int | None = Field(None, ge=8)
     fps: float | None = Field(None, gt=0)
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, description="Guidance rescale φ (Lin et al. 2024); "
+                                                                    "0 = plain classifier-free guidance.")
     seed: int | None = Field(None, ge=0, description="Seed of the first video; video i uses seed + i. "
                                                     "None: drawn at random and recorded.")
     noise_prior: float = Field(0.0, ge=0.0, le=1.0)
@@ -106,7 +108,7 @@ class GenerationParams(BaseModel):
             raise ValueError(f"generation parameters {', '.join(unset)} are unset: apply the model's defaults first "
                              "(GenerationParams.with_defaults)")
         return SamplingSettings(steps=self.steps, guidance=self.guidance, frames=self.frames,
-                                height=self.height, width=self.width)
+                                height=self.height, width=self.width, guidance_rescale=self.guidance_rescale)
 
     def choices(self) -> list[tuple[str, LoraChoice]]:
         """(role, choice) in adapter order: motions first, then appearances."""

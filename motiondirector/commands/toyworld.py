@@ -157,6 +157,8 @@ def benchmark_command(
     high_share: Annotated[float, typer.Option("--high-share", min=0.0, max=1.0, help=(
         "Share of LoRA training steps drawing t from [--high-from, T) (config timesteps.high_share)."))] = 0.0,
     high_from: Annotated[int, typer.Option("--high-from", min=0)] = 800,
+    modes: Annotated[list[str] | None, typer.Option(
+        "--modes", help="Modes to run, in this order; repeat (default: base coupled dual_path_no_ad dual_path).")] = None,
     guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
     sampling_steps: Annotated[int, typer.Option("--sampling-steps", min=1)] = 20,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -176,7 +178,7 @@ def benchmark_command(
         settings = BenchmarkSettings(
             motion=motion, reference=reference, videos=tuple(videos or (1, 3)), prompts=prompts, seeds=seeds,
             steps=steps, rank=rank, lr=lr, ad_beta=beta, high_share=high_share, high_from=high_from,
-            seed=seed,
+            seed=seed, **({"modes": tuple(modes)} if modes else {}),
             sampling=replace(TOY_SAMPLING, guidance=guidance, steps=sampling_steps))
         backbone = load_backbone(base, device)
         result = run_benchmark(backbone, settings, out,

@@ -444,7 +444,10 @@ class _Run:
                     losses.append(result.losses)
                 updated = self.engine.step(sums, counts)
                 scalars = self.track(draws, losses, updated)
-                self.check_divergence(step, scalars)
+                diverged = self.guard.observe(step, scalars)
+                if self.guard.enabled and ranks.any(diverged is not None):  # every rank stops together
+                    raise diverged or TrainingDiverged(f"training diverged at step {step} on another rank",
+                                                       step=step, loss="")
                 entry = {"step": step, **scalars, **self.describe(draws), "updated": updated,
                          "seconds": round(time.perf_counter() - began, 4)}
                 if metrics is not None and (step % config.log_every == 0 or step == config.steps):
@@ -460,17 +463,6 @@ class _Run:
                     raise TrainingInterrupted(step, path)
                 if ranks.is_main and config.validation.every and step % config.validation.every == 0:
                     self.validate(step)
-
-    def check_divergence(self, step: int, losses: dict[str, float]) -> None:
-        """Every rank stops when any rank's losses diverged (one rank alone would leave the others waiting)."""
-        try:
-            self.guard.observe(step, losses)
-            diverged = None
-        except TrainingDiverged as error:
-            diverged = error
-        if self.ranks.any(diverged is not None):
-            raise diverged or TrainingDiverged(f"another rank's loss diverged at step {step}", step=step,
-                                               loss="another rank's")
 
     def track(self, draws: list, losses: list[dict[str, float]], updated: list[str]) -> dict[str, float]:
         """Record this rank's losses and the updates; returns each loss's mean over the draws computing it."""
