@@ -28,7 +28,7 @@ FLOORS: list[tuple[str, set[str]]] = [
     ("LoRA packages", {"lora"}),
     # The training config composes the data, LoRA and sampling settings; metrics read videos.
     ("settings and metrics", {"config", "metrics"}),
-    ("training", {"train"}),
+    ("training", {"train", "noise_prior"}),
     # Generation resolves run folders and checkpoints (train/resolve.py); the catalog registers runs.
     ("generation and catalog", {"generate", "animate", "catalog"}),
     ("public API and recipes", {"api", "toyworld", "__init__"}),

@@ -17,10 +17,10 @@ import yaml
 
 from motiondirector.config import ConfigError, TrainConfig, apply_overrides, validate_config
 from motiondirector.events import Progress, Recorder, TrainStep
-from motiondirector.generate import GenerationParams
 from motiondirector.lora.inject import Router, adapter_parameters
 from motiondirector.lora.package import read_package
 from motiondirector.losses import spatial_loss, temporal_loss
+from motiondirector.noise_prior import noise_prior_latents
 from motiondirector.train.engine import flat_groups
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.loop import RunFolderError, TrainingInterrupted, train
@@ -296,9 +296,8 @@ def test_validation_mixes_the_noise_prior_of_the_first_training_video(tiny_backb
     assert inversion == [("noise_prior", done, 4, str(car_turn)) for done in range(1, 5)]
     train(make_config(*validation), tmp_path / "plain", backbone=tiny_backbone, records=records)
     with_prior, plain = started
-    z_inv = generation.noise_prior_latents(  # read back from the cache the run filled
-        tiny_backbone, car_turn, GenerationParams(base="tiny", prompts=["x"], frames=4, height=32, width=32, fps=8),
-        cache_dir=tmp_path / "cache")
+    z_inv = noise_prior_latents(  # read back from the cache the run filled
+        tiny_backbone, car_turn, frames=4, size=(32, 32), fps=8.0, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache" / "noise_prior").glob("*.safetensors"))) == 1
     torch.testing.assert_close(with_prior, math.sqrt(0.5) * z_inv + math.sqrt(0.5) * plain)
     assert not torch.allclose(with_prior, plain)

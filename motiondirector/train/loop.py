@@ -49,9 +49,9 @@ from motiondirector.events import (
     emit,
     progress_callback,
 )
-from motiondirector.generate import GenerationParams, initial_noise, noise_prior_latents
 from motiondirector.lora.inject import Router
 from motiondirector.lora.package import BaseModelRef, Manifest
+from motiondirector.noise_prior import initial_noise, noise_prior_latents
 from motiondirector.sample import sample_videos
 from motiondirector.storage import atomic_write
 from motiondirector.train.checkpoint import (
@@ -361,17 +361,16 @@ class _Run:
         return first.video_path
 
     def prepare_validation(self) -> None:
-        """The noise prior of the validation samples (generate.py's DDIM inversion, cached on disk), computed
+        """The noise prior of the validation samples (noise_prior.py's DDIM inversion, cached on disk), computed
         before the first step so that a bad reference fails at once; None without a prior."""
         validation = self.config.validation
         if not validation.every or validation.noise_prior == 0:
             return
         reference = self.validation_reference()
-        geometry = GenerationParams(base=self.backbone.model_id, prompts=["validation"], steps=validation.steps,
-                                    guidance=validation.guidance, frames=validation.frames,
-                                    height=validation.size[0], width=validation.size[1], fps=validation.fps)
         with torch.random.fork_rng(devices=_rng_devices(self.device)), torch.no_grad(), self.autocast():
-            self.prior = noise_prior_latents(self.backbone, reference, geometry, cache_dir=self.config.cache_dir,
+            self.prior = noise_prior_latents(self.backbone, reference, frames=validation.frames,
+                                             size=validation.size, fps=validation.fps,
+                                             cache_dir=self.config.cache_dir,
                                              on_step=progress_callback(self.observers, "noise_prior", reference))
 
     def validate(self, step: int) -> None:
