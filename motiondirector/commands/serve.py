@@ -43,6 +43,8 @@ def serve_command(config: ConfigOption = None, base: BaseOption = None, catalog:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         try:
             serve.run(application(settings), name=settings.app_name, route_prefix=settings.route_prefix)
+        except KeyboardInterrupt:
+            raise fail("interrupted while starting", ExitCode.INTERRUPTED) from None
         except Exception as error:  # a replica failed to start (e.g. the model could not be loaded)
             unavailable = "ModelNotAvailableError" in str(error) or "ModelTooLargeError" in str(error)
             raise fail(f"the application did not start: {error}",
