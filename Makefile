@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: demo test lint bench clean-venv browser
+.PHONY: demo test lint bench clean-venv image-cpu image-gpu cluster-config browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,18 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Container images for the KubeRay manifests in cluster/ (docs/operations.md). Push them where your
+# cluster pulls from: make image-gpu IMAGE=ghcr.io/you/motiondirector && docker push ...
+IMAGE ?= registry.example.com/motiondirector
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+image-cpu:
+	docker build -f cluster/Dockerfile --build-arg FLAVOR=cpu -t $(IMAGE):$(VERSION)-cpu .
+
+image-gpu:
+	docker build -f cluster/Dockerfile --build-arg FLAVOR=gpu -t $(IMAGE):$(VERSION)-gpu .
+
+# Regenerate cluster/specs-configmap.yaml (from configs/) and rayservice.yaml's serveConfigV2 (from serve.app).
+cluster-config: $(STAMP)
+	$(BIN)/python cluster/generate.py

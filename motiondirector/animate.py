@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from motiondirector.backbones.base import BackboneSpec
-from motiondirector.data.cache import cache_root
 from motiondirector.data.records import fingerprint
 from motiondirector.events import Observer
 from motiondirector.generate import GeneratedVideo, GenerationParams, LoraChoice, generate
-from motiondirector.lora.resolve import LoraCatalog
+from motiondirector.storage import cache_root, staged_folder
+from motiondirector.train.resolve import LoraCatalog
 
 # Single-frame steps need little activation memory, so no gradient checkpointing (its recompute
 # would also run outside the spatial path's temporal bypass).
@@ -34,9 +34,6 @@ def image_appearance(images: list[str | Path], caption: str, backbone: BackboneS
     """A spatial LoRA trained on `images` (each repeated as a clip), cached under the cache root by the
     images' content hashes and every training setting; returns its package folder. `size`: (height,
     width) of the training frames, default the base model's."""
-    import shutil
-    import tempfile
-
     from motiondirector.config import validate_config
     from motiondirector.data.video import content_hash
     from motiondirector.train.layout import RunLayout
@@ -62,18 +59,8 @@ def image_appearance(images: list[str | Path], caption: str, backbone: BackboneS
     root = cache_root(cache_dir) / ANIMATE_FOLDER
     run = RunLayout(root / key)
     if not (run.summary.is_file() and (run.spatial(0) / "manifest.json").is_file()):
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-        try:
+        with staged_folder(run.root) as staging:  # another process finishing it first wins
             train(config, staging, backbone=backbone, observers=observers)
-            staging.chmod(0o755)
-            if run.root.exists():  # another process finished the same LoRA first
-                shutil.rmtree(staging)
-            else:
-                staging.rename(run.root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return run.spatial(0)
 
 

@@ -31,8 +31,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.backbones.defaults import ModelDefaults
-from motiondirector.data.cache import cache_root
 from motiondirector.data.records import fingerprint
+from motiondirector.errors import describe_validation_error
 from motiondirector.events import Observer, progress_callback
 from motiondirector.lora import inject
 from motiondirector.lora.inject import apply_package
@@ -42,11 +42,10 @@ from motiondirector.lora.package import (
     LoraKind,
     Manifest,
     PackageError,
-    atomic_write_bytes,
-    sha256_file,
 )
-from motiondirector.lora.resolve import LoraCatalog, resolve_lora
 from motiondirector.sample import SamplingSettings, ddim_invert, latent_shape, sample_videos
+from motiondirector.storage import atomic_write, cache_root, local_path, sha256_file
+from motiondirector.train.resolve import LoraCatalog, resolve_lora
 
 SIDECAR_SCHEMA_VERSION = 1
 NOISE_PRIOR_INVERSION_STEPS = 50
@@ -221,7 +220,7 @@ def noise_prior_latents(backbone: BackboneSpec, video: str | Path, params: Gener
         inverted = ddim_invert(backbone, latents, steps=NOISE_PRIOR_INVERSION_STEPS, on_step=on_step)
     inverted = inverted.float().cpu().contiguous()
     cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cached, safetensors_bytes({"z_inv": inverted}, metadata={"video": str(video)}))
+    atomic_write(cached, safetensors_bytes({"z_inv": inverted}, metadata={"video": str(video)}))
     return inverted
 
 
@@ -246,7 +245,7 @@ def slugify(text: str, limit: int = 40) -> str:
 
 def _absolute_if_local(reference: str) -> str:
     """Local paths become absolute so a sidecar replays from any working folder."""
-    path = Path(reference).expanduser()
+    path = local_path(reference)
     return str(path.resolve()) if path.exists() else reference
 
 
@@ -396,7 +395,7 @@ def save_video(video: GeneratedVideo, out_dir: str | Path) -> dict[str, Path]:
              "png": write_grid_png(video.frames, out_dir / f"{stem}.png")}
     files["json"] = out_dir / f"{stem}.json"
     document = {**video.sidecar, "files": {kind: path.name for kind, path in files.items()}}
-    atomic_write_bytes(files["json"], json.dumps(document, indent=2).encode())
+    atomic_write(files["json"], json.dumps(document, indent=2).encode())
     video.files = files
     return files
 
@@ -412,7 +411,7 @@ def validated_params(data: dict[str, Any], source: str) -> GenerationParams:
     try:
         return GenerationParams.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in error.errors()[:5])
+        problems = describe_validation_error(error, GenerationParams, limit=5)
         raise ValueError(f"{source}: invalid generation parameters ({problems})") from None
 
 

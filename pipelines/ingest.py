@@ -26,9 +26,10 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 from ray.exceptions import RayTaskError
 
-from motiondirector.data.errors import DataError
-from motiondirector.data.ingested import (
+from motiondirector.api import (
+    CacheRecord,
     ClipWork,
+    DataError,
     DataFile,
     DatasetState,
     IngestDataset,
@@ -37,15 +38,15 @@ from motiondirector.data.ingested import (
     LiveClip,
     Reject,
     RowIndex,
+    SourceItem,
     build_records,
     decode_works,
+    list_items,
     new_run_id,
     plan_works,
     prune,
     write_records,
 )
-from motiondirector.data.records import CacheRecord
-from motiondirector.data.sources import SourceItem, list_items
 
 # Row statuses between stages; the payload column holds the pickled object.
 WORK, ENCODED, REUSED, KEPT, REJECTED = "work", "encoded", "reused", "kept", "rejected"
@@ -115,7 +116,7 @@ class _Encoder:
     """Actor: loads the base model once, turns batches of works into records; rejects pass through."""
 
     def __init__(self, base: str, device: str, output: str, batch_size: int) -> None:
-        from motiondirector.backbones import load_backbone
+        from motiondirector.api import load_backbone
 
         self.backbone = load_backbone(base, device)
         self.fs = IngestStore(output).fs
@@ -172,7 +173,7 @@ class _RunSink(Datasink):
 @ray.remote
 def _encoder_ids(base: str, device: str) -> tuple[str, str]:
     """The ids the actors will fingerprint with (they depend on the device's dtype), for the CPU stage."""
-    from motiondirector.backbones import load_backbone
+    from motiondirector.api import load_backbone
 
     backbone = load_backbone(base, device)
     return backbone.vae_id, backbone.text_encoder_id
@@ -260,7 +261,7 @@ def run_ingest(spec: IngestSpec, *, prune_after: bool = False) -> IngestResult:
     if not ray.is_initialized():
         ray.init()
     store = IngestStore(spec.output)
-    index = store.state().index()
+    index = RowIndex.committed(store.state())
     run_id = new_run_id()
     temp = store.run_folder(run_id, temporary=True)
     summaries = {d.name: DatasetSummary() for d in spec.datasets}

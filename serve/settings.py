@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from motiondirector.api import describe_validation_error
+
 TOKEN_VARIABLE = "MOTIONDIRECTOR_API_TOKEN"
 TOKEN_FILE_VARIABLE = "MOTIONDIRECTOR_API_TOKEN_FILE"
 
@@ -80,7 +82,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> ServeSett
     try:
         return ServeSettings.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:5])
+        problems = describe_validation_error(error, ServeSettings, limit=5)
         raise ValueError(f"{source}: invalid settings ({problems})") from None
 
 

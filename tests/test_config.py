@@ -40,7 +40,13 @@ def test_reference_configs_load_with_the_papers_settings(reference_dir):
 
 def test_defaults_follow_method_md(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
-    assert config.mode == "dual_path" and config.mixed_precision == "auto" and config.gradient_checkpointing
+    assert config.mixed_precision == "auto" and config.gradient_checkpointing
+    # unset, the mode follows the data (method.md: temporal training is off for images)
+    assert config.mode is None and config.mode_for(images=False) == "dual_path"
+    assert config.mode_for(images=True) == "spatial_only"
+    assert config.with_data_kind(images=True).mode == "spatial_only"
+    explicit = load_config(write(tmp_path, MINIMAL), ["mode=coupled"])
+    assert explicit.mode_for(images=True) == "coupled" and explicit.with_data_kind(images=True).mode == "coupled"
     assert config.ad_beta == 1.0 and config.engine.kind == "torch" and config.engine.zero_stage == 2
     # Sampling, frames and size are the base model's until set (backbones/defaults.py); a model folder
     # without its own defaults gets the family's, which are the reference's 30 steps at guidance 12.

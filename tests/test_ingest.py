@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from motiondirector.cli import app
 from motiondirector.data.encode import decode_item, encode_clips
-from motiondirector.data.ingested import IngestStore, load_ingest_spec, read_ingested, read_rejects
+from motiondirector.data.ingest_read import read_ingested, read_rejects
+from motiondirector.data.ingest_spec import load_ingest_spec
+from motiondirector.data.ingest_store import IngestStore
 from motiondirector.data.records import RECORD_SCHEMA
 from motiondirector.data.sources import list_items
 from motiondirector.video_io import write_video

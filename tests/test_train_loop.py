@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from motiondirector.config import TrainConfig, apply_overrides, validate_config
 from motiondirector.events import TrainStep
@@ -19,7 +21,7 @@ from motiondirector.lora.package import read_package
 from motiondirector.losses import spatial_loss, temporal_loss
 from motiondirector.train.engine import flat_groups
 from motiondirector.train.layout import RunLayout
-from motiondirector.train.loop import TrainingInterrupted, train
+from motiondirector.train.loop import RunFolderError, TrainingInterrupted, train
 from motiondirector.train.plan import installed_adapters, plan_adapters
 from motiondirector.train.step import clip_tensors, draw_step, step_gradients
 from motiondirector.train.synthetic import synthetic_records
@@ -242,3 +244,31 @@ def test_record_draw_follows_sampling_weights():
     assert 0.65 < drawn.count(0) / len(drawn) < 0.85
     uniform = {draw_step(generator, shapes, 1000, 0.0).record for _ in range(100)}
     assert uniform == {0, 1, 2}
+
+
+def test_the_mode_defaults_to_the_data_kind_and_an_explicit_mode_wins(tiny_backbone, tmp_path):
+    """method.md: temporal training is off for images; unset, the mode follows the data."""
+    videos = synthetic_records(tiny_backbone, videos=2)
+    images = [dataclasses.replace(r, is_image=True) for r in videos]
+    assert make_config().mode is None
+
+    summary = train(make_config("steps=2"), tmp_path / "images", backbone=tiny_backbone, records=images)
+    assert summary.mode == "spatial_only" and summary.packages["temporal"] is None
+    assert set(weights(tmp_path / "images")) == {"spatial/0"}  # shared routing for images
+    assert yaml.safe_load((tmp_path / "images" / "config.yaml").read_text())["mode"] == "spatial_only"
+    assert read_package(tmp_path / "images" / "spatial" / "0")[0].mode == "spatial_only"
+
+    explicit = train(make_config("steps=2", "mode=dual_path"), tmp_path / "explicit", backbone=tiny_backbone,
+                     records=images)
+    assert explicit.mode == "dual_path" and set(weights(tmp_path / "explicit")) == {"temporal", "spatial/0"}
+
+    assert train(make_config("steps=1"), tmp_path / "videos", backbone=tiny_backbone, records=videos).mode == "dual_path"
+
+    # Resuming with the mode still unset finds the mode the folder trained in; changing it is refused.
+    resumed = train(make_config("steps=3"), tmp_path / "images", resume=True, backbone=tiny_backbone, records=images)
+    assert (resumed.mode, resumed.resumed_from) == ("spatial_only", 2)
+    with pytest.raises(RunFolderError, match="changed: mode"):
+        train(make_config("steps=4", "mode=dual_path"), tmp_path / "images", resume=True, backbone=tiny_backbone,
+              records=images)
+    with pytest.raises(RunFolderError, match="changed: mode"):
+        train(make_config("steps=4"), tmp_path / "images", resume=True, backbone=tiny_backbone, records=videos)

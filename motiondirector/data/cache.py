@@ -28,20 +28,10 @@ from motiondirector.data.encode import (
 from motiondirector.data.records import METADATA_COLUMNS, CacheRecord, records_to_table, table_to_records
 from motiondirector.data.sources import DatasetSpec, list_items
 from motiondirector.events import Observer, Progress, emit
-from motiondirector.lora.package import atomic_write_bytes
+from motiondirector.storage import atomic_write, cache_root
 
-CACHE_ENV = "MOTIONDIRECTOR_CACHE"
 RECORDS_DIR = "records"
 _SUFFIX = ".parquet"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $MOTIONDIRECTOR_CACHE, else ~/.cache/motiondirector."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path.home() / ".cache" / "motiondirector"
 
 
 def dataset_folder_name(dataset: str) -> str:
@@ -57,7 +47,7 @@ def write_record(path: Path, record: CacheRecord) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(records_to_table([record]), sink)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    atomic_write(path, sink.getvalue().to_pybytes())
 
 
 def read_record(path: Path) -> CacheRecord:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from motiondirector.data.clips import ClipPolicy
 from motiondirector.data.errors import DataError
+from motiondirector.storage import is_url
 
 if TYPE_CHECKING:  # a runtime import would load torch through motiondirector.backbones
     from motiondirector.backbones.defaults import ModelDefaults
@@ -155,8 +156,7 @@ def _expand(source: str) -> list[str]:
     data_files = [p for p in found if kind_of(p) is not None]
     if not data_files:
         raise DataError(source, "no video or image files found")
-    local = "://" not in source
-    return [p if local else fs.unstrip_protocol(p) for p in data_files]
+    return [fs.unstrip_protocol(p) if is_url(source) else p for p in data_files]
 
 
 class _CaptionFinder:
