@@ -44,7 +44,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from motiondirector.backbones import load_backbone  # noqa: E402
 from motiondirector.backbones.tiny import write_tiny_model  # noqa: E402
 from motiondirector.data.encode import decode_item, encode_clips  # noqa: E402
-from motiondirector.data.ingested import IngestSpec  # noqa: E402
+from motiondirector.data.ingest_spec import IngestSpec  # noqa: E402
 from motiondirector.data.sources import DatasetSpec, list_items  # noqa: E402
 from motiondirector.video_io import write_video  # noqa: E402
 

@@ -27,21 +27,16 @@ from ray.data.block import BlockAccessor
 from ray.exceptions import RayTaskError
 
 from motiondirector.data.errors import DataError
-from motiondirector.data.ingested import (
-    ClipWork,
+from motiondirector.data.ingest_plan import ClipWork, RowIndex, build_records, decode_works, plan_works
+from motiondirector.data.ingest_read import prune
+from motiondirector.data.ingest_spec import IngestDataset, IngestSpec
+from motiondirector.data.ingest_store import (
     DataFile,
     DatasetState,
-    IngestDataset,
-    IngestSpec,
     IngestStore,
     LiveClip,
     Reject,
-    RowIndex,
-    build_records,
-    decode_works,
     new_run_id,
-    plan_works,
-    prune,
     write_records,
 )
 from motiondirector.data.records import CacheRecord
@@ -265,11 +260,12 @@ def run_ingest(spec: IngestSpec, *, prune_after: bool = False) -> IngestResult:
     """Ingest every dataset of `spec` into `spec.output` on the connected (or a new local) Ray cluster."""
     if not spec.output:
         raise ValueError("ingest spec has no `output`: set it in the spec or pass --output")
+    spec = spec.with_model_defaults()
     started = time.perf_counter()
     if not ray.is_initialized():
         ray.init()
     store = IngestStore(spec.output)
-    index = store.state().index()
+    index = RowIndex.committed(store.state())
     run_id = new_run_id()
     temp = store.run_folder(run_id, temporary=True)
     summaries = {d.name: DatasetSummary() for d in spec.datasets}

@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 from motiondirector import generate as generation
 from motiondirector.cli import app
 from motiondirector.commands.common import ExitCode
-from motiondirector.generate import GenerationParams, LoraChoice, composed, generate, initial_noise
+from motiondirector.generate import (
+    GenerationParams,
+    LoraChoice,
+    composed,
+    generate,
+    initial_noise,
+    save_video,
+)
 from motiondirector.lora.inject import adapter_names, lora_layers
 from motiondirector.lora.package import read_manifest, write_package
 
@@ -100,16 +107,17 @@ def test_mix_appearance_of_one_run_with_motion_of_another(tiny_backbone, tmp_pat
     run_a = write_run(tiny_backbone, tmp_path / "A", spatial=1, temporal=False, seed=10)
     run_b = write_run(tiny_backbone, tmp_path / "B", spatial=2, seed=20)
     motion_only = generate(fast_params("unused", motions=[LoraChoice(reference=str(run_b))]),
-                           backbone=tiny_backbone, progress=False)[0].frames
+                           backbone=tiny_backbone)[0].frames
     muted = generate(fast_params("unused", motions=[LoraChoice(reference=str(run_b))],
                                  appearances=[LoraChoice(reference=str(run_a), scale=0.0)]),
-                     backbone=tiny_backbone, progress=False)[0].frames
+                     backbone=tiny_backbone)[0].frames
     mixed = generate(fast_params("unused", motions=[LoraChoice(reference=str(run_b))],
                                  appearances=[LoraChoice(reference=str(run_a))]),
-                     tmp_path / "out", backbone=tiny_backbone, progress=False)[0]
+                     backbone=tiny_backbone)[0]
     assert torch.equal(muted, motion_only)  # γ = 0 is exactly the base weights
     assert (mixed.frames - motion_only).abs().max() > 1e-3
-    sidecar = json.loads(mixed.files["json"].read_text())
+    sidecar = json.loads(save_video(mixed, tmp_path / "out")["json"].read_text())
+    assert sidecar == {**mixed.sidecar, "files": {k: p.name for k, p in mixed.files.items()}}
     assert [(lora["role"], lora["package"]) for lora in sidecar["loras"]] == [
         ("motion", str((run_b / "temporal").resolve())), ("appearance", str((run_a / "spatial" / "0").resolve()))]
 
@@ -154,7 +162,7 @@ def test_noise_prior_is_cached_and_mixed_into_the_initial_noise(tiny_backbone, c
     assert torch.equal(first, again) and first.shape == (1, 4, 4, 16, 16)
     assert len(list((tmp_path / "cache" / "noise_prior").glob("*.safetensors"))) == 1
 
-    settings = params.sampling
+    settings = params.with_defaults(tiny_backbone.defaults).sampling
     noise = initial_noise(tiny_backbone, settings, seed=3)
     assert torch.equal(initial_noise(tiny_backbone, settings, seed=3, prior=first, prior_strength=1.0), first)
     torch.testing.assert_close(initial_noise(tiny_backbone, settings, seed=3, prior=first, prior_strength=0.25),
@@ -166,10 +174,9 @@ def test_noise_prior_is_cached_and_mixed_into_the_initial_noise(tiny_backbone, c
     assert inversions == [4, 4]
 
     # generate() uses the cached prior, and the sidecar records the clip for replay.
-    video = generate(params, tmp_path / "out", backbone=tiny_backbone, cache_dir=tmp_path / "cache",
-                     progress=False)[0]
+    video = generate(params, backbone=tiny_backbone, cache_dir=tmp_path / "cache")[0]
     assert inversions == [4, 4]
-    sidecar = json.loads(video.files["json"].read_text())["params"]
+    sidecar = video.sidecar["params"]
     assert (sidecar["noise_prior"], sidecar["reference_video"]) == (0.25, str(car_turn.resolve()))
 
 
@@ -182,7 +189,7 @@ def test_generate_from_a_run_trained_by_the_training_loop(tiny_backbone, tmp_pat
                               "data": {"sources": "synthetic.mp4"}, "gradient_checkpointing": False,
                               "checkpoint_every": 1, "mixed_precision": "no"}, "test config")
     run = tmp_path / "run"
-    train(config, run, backbone=tiny_backbone, records=synthetic_records(tiny_backbone, videos=2), progress=False)
+    train(config, run, backbone=tiny_backbone, records=synthetic_records(tiny_backbone, videos=2))
     runner = CliRunner()
     # No --base: the packages name the model they were trained on.
     common = ["generate", "--prompt", "a car", "--seed", "1", "--json", *FAST]

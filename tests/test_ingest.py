@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 
 from motiondirector.cli import app
 from motiondirector.data.encode import decode_item, encode_clips
-from motiondirector.data.ingested import IngestStore, load_ingest_spec, read_ingested, read_rejects
+from motiondirector.data.ingest_read import read_ingested, read_rejects
+from motiondirector.data.ingest_spec import load_ingest_spec
+from motiondirector.data.ingest_store import IngestStore
 from motiondirector.data.records import RECORD_SCHEMA
 from motiondirector.data.sources import list_items
 from motiondirector.video_io import write_video
@@ -179,7 +181,7 @@ def test_training_consumes_the_ingest_output_without_the_vae(first_run, tiny_mod
         raise AssertionError("training encoded video although the dataset is ingested")
 
     monkeypatch.setattr(tiny_backbone, "encode_video", no_vae)
-    summary = train(config, tmp_path / "run", backbone=tiny_backbone, progress=False)
+    summary = train(config, tmp_path / "run", backbone=tiny_backbone)
     assert summary.steps == 2 and summary.routing == "per_video" and len(summary.packages["spatial"]) == 4
     ingested = read_ingested(str(output), "bicycle")
     manifest = read_manifest(summary.packages["temporal"])

@@ -45,12 +45,17 @@ def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> typer.Exit:
 @contextmanager
 def reported_errors() -> Iterator[None]:
     """Turn the library's expected errors into one clear line and a documented exit code."""
-    from motiondirector.backbones import ModelNotAvailableError, ModelTooLargeError
+    # The error classes only, straight from their light modules: every command (also the fast catalog
+    # ones) enters this block, and importing motiondirector.api would load diffusers and peft.
+    from motiondirector.backbones.base import ModelNotAvailableError, ModelTooLargeError
+    from motiondirector.train.guard import TrainingDiverged
 
     try:
         yield
     except (ModelNotAvailableError, ModelTooLargeError) as error:
         raise fail(str(error), ExitCode.MODEL_UNAVAILABLE) from None
+    except TrainingDiverged as error:
+        raise fail(str(error), ExitCode.FAILED) from None
     except (ValueError, FileNotFoundError) as error:
         raise fail(str(error), ExitCode.BAD_INPUT) from None
     except KeyboardInterrupt:

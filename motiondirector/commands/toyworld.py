@@ -109,7 +109,7 @@ def report_command(
     import torch
 
     from motiondirector.backbones import load_backbone
-    from motiondirector.lora.package import atomic_write_bytes
+    from motiondirector.storage import atomic_write
     from motiondirector.toyworld.evaluate import (
         TOY_SAMPLING,
         base_quality_report,
@@ -128,8 +128,8 @@ def report_command(
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             samples = report.pop("samples")
-            atomic_write_bytes(out / "report.md", markdown.encode())
-            atomic_write_bytes(out / "report.json", json.dumps(report, indent=2, default=str).encode())
+            atomic_write(out / "report.md", markdown.encode())
+            atomic_write(out / "report.json", json.dumps(report, indent=2, default=str).encode())
             first = torch.stack([s.frames for s in samples[:16]])
             write_grid_png(first.reshape(-1, *first.shape[2:]), out / "samples.png", columns=first.shape[1])
         if docs is not None:
@@ -156,6 +156,9 @@ def benchmark_command(
     rank: Annotated[int, typer.Option("--rank", min=1)] = 16,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
     beta: Annotated[float, typer.Option("--beta", min=0.0, help="AD-loss beta.")] = 1.0,
+    high_share: Annotated[float, typer.Option("--high-share", min=0.0, max=1.0, help=(
+        "Share of LoRA training steps drawing t from [--high-from, T) (config timesteps.high_share)."))] = 0.0,
+    high_from: Annotated[int, typer.Option("--high-from", min=0)] = 800,
     guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
     sampling_steps: Annotated[int, typer.Option("--sampling-steps", min=1)] = 20,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -174,7 +177,8 @@ def benchmark_command(
     with reported_errors():
         settings = BenchmarkSettings(
             motion=motion, reference=reference, videos=tuple(videos or (1, 3)), prompts=prompts, seeds=seeds,
-            steps=steps, rank=rank, lr=lr, ad_beta=beta, seed=seed,
+            steps=steps, rank=rank, lr=lr, ad_beta=beta, high_share=high_share, high_from=high_from,
+            seed=seed,
             sampling=replace(TOY_SAMPLING, guidance=guidance, steps=sampling_steps))
         backbone = load_backbone(base, device)
         result = run_benchmark(backbone, settings, out,

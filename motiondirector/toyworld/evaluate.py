@@ -18,6 +18,7 @@ from motiondirector.toyworld.probes import (
     leakage_hits,
     mean_ci,
     motion_fidelity,
+    motion_scores,
     probe,
 )
 from motiondirector.toyworld.render import HELD_OUT_MOTION, PRETRAIN_MOTIONS, Scene, all_scenes, render
@@ -58,9 +59,11 @@ def generate_scenes(backbone: BackboneSpec, scenes: Sequence[Scene], seeds: Sequ
 
 def score_sample(frames: torch.Tensor, asked: Scene, seed: int, reference: Scene | None = None,
                  reference_trajectory: np.ndarray | None = None) -> dict[str, float | bool | None]:
-    """Appearance hits per attribute, motion fidelity, and (with a reference scene) leakage per attribute.
+    """Appearance hits per attribute, motion scores, and (with a reference scene) leakage per attribute.
 
-    Fidelity compares with `reference_trajectory`, or else with a ground-truth render of `asked`.
+    Motion compares with `reference_trajectory`, or else with a ground-truth render of `asked`:
+    `fidelity` is the mean correlation over the moving signals; `motion_scores` adds the per-axis
+    correlations, the distinctive component and `motion_fidelity`, which weighs it (probes.py).
     """
     found = probe(frames)
     if reference_trajectory is None:
@@ -68,6 +71,7 @@ def score_sample(frames: torch.Tensor, asked: Scene, seed: int, reference: Scene
                                       seed=seed).trajectory
     scores: dict[str, float | bool | None] = dict(appearance_hits(found, asked))
     scores["fidelity"] = motion_fidelity(found.trajectory, reference_trajectory)
+    scores.update(motion_scores(found.trajectory, reference_trajectory))
     if reference is not None:
         scores.update({f"leak_{name}": hit for name, hit in leakage_hits(found, asked, reference).items()})
     return scores
