@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: demo test lint bench clean-venv image-cpu image-gpu cluster-config
+.PHONY: demo test lint bench clean-venv image-cpu image-gpu cluster-config browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/motiondirector demo --out demo-out
 
-test: $(STAMP)
+# The web page's browser tests drive Debian's chromium through Playwright (tests/test_serve_web.py).
+# Installed here when missing and root + apt-get are available; otherwise those tests skip saying why.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser tests (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+			|| echo "WARNING: could not install chromium; the browser tests will skip"; \
+	else echo "WARNING: $(CHROMIUM) missing and no root/apt-get to install it; the browser tests will skip"; fi
+
+test: $(STAMP) browser
 	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled OMP_NUM_THREADS=2 $(BIN)/pytest tests
 
 lint: $(STAMP)

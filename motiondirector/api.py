@@ -55,7 +55,9 @@ from motiondirector.events import (
 from motiondirector.generate import (
     GeneratedVideo,
     GenerationParams,
+    HeldComposition,
     LoraChoice,
+    generate_batch,
     package_base,
     read_sidecar,
     replay,
@@ -71,11 +73,12 @@ from motiondirector.train.loop import RunFolderError, RunSummary, TrainingInterr
 
 __all__ = [
     "BackboneSpec", "Catalog", "CatalogOnDemand", "CheckpointWritten", "ConfigError", "CorruptEntryError", "Event",
-    "GeneratedVideo", "GenerationParams", "InvalidIdError", "LoraChoice", "Manifest", "ModelDefaults",
+    "GeneratedVideo", "GenerationParams", "HeldComposition", "InvalidIdError", "LoraChoice", "Manifest", "ModelDefaults",
     "ModelNotAvailableError", "ModelTooLargeError", "Observer", "PackageError", "Progress", "Recorder",
     "RegistrationError", "RunFolderError", "RunSummary", "TrainConfig", "TrainFinished", "TrainStarted",
-    "TrainStep", "TrainingDiverged", "TrainingInterrupted", "UnknownEntryError", "ValidationSample", "animate", "apply_overrides",
-    "defaults_for", "generate", "image_appearance", "load_backbone", "load_config", "open_catalog",
+    "TrainStep", "TrainingDiverged", "TrainingInterrupted", "UnknownEntryError", "ValidationSample", "animate",
+    "apply_overrides", "defaults_for", "generate", "generate_batch", "image_appearance", "load_backbone", "load_config",
+    "open_catalog",
     "package_base", "read_sidecar", "register_run", "replay", "resolve_device", "save_video", "save_videos",
     "train", "train_and_register", "validate_config", "validate_id", "validated_params",
 ]

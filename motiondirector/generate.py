@@ -286,6 +286,76 @@ def generate(params: GenerationParams, *, backbone: BackboneSpec | None = None,
     return videos
 
 
+# Fields a batch's items must share (everything but the prompt, the seed and the output index).
+_PER_VIDEO = {"prompts", "seed", "first_index"}
+
+
+class HeldComposition:
+    """A LoRA set applied to a backbone and kept applied until `close()` (a server keeps one between batches).
+
+    The same packages at the same scales as `composed(backbone, choices)`, entered once: requests for
+    this set then skip adapter injection (`generate_batch(..., composition=held)`). Closing hands the
+    backbone back as it was. One at a time per backbone: the model is modified in place.
+    """
+
+    def __init__(self, backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *,
+                 catalog: LoraCatalog | None = None) -> None:
+        self.backbone = backbone
+        self.choices = [(role, choice.model_copy()) for role, choice in choices]
+        self._stack = contextlib.ExitStack()
+        self.applied: list[AppliedLora] = self._stack.enter_context(composed(backbone, self.choices, catalog=catalog))
+
+    def matches(self, choices: list[tuple[str, LoraChoice]]) -> bool:
+        return [(role, c.model_dump()) for role, c in choices] == [(role, c.model_dump()) for role, c in self.choices]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def generate_batch(items: Sequence[GenerationParams], *, backbone: BackboneSpec,
+                   catalog: LoraCatalog | None = None, observers: Sequence[Observer] = (),
+                   composition: HeldComposition | None = None) -> list[GeneratedVideo]:
+    """One video per item, sampled together in one sampler call (what a server batches).
+
+    Items have one prompt each and must share everything else but the seed (LoRAs and scales,
+    sampling settings, negative prompt; no noise prior). Each video's initial noise comes from its
+    own seed exactly as in `generate`, so a batch of one is `generate` bit for bit; larger batches
+    match it up to float rounding of the batched kernels. Progress: phase "sample", label "N videos".
+    `composition`: the items' LoRA set, already applied and held (it must match them; no fuse).
+    """
+    if not items:
+        return []
+    items = [item.with_defaults(backbone.defaults) for item in items]
+    first = items[0]
+    shared = first.model_dump(exclude=_PER_VIDEO)
+    for position, item in enumerate(items):
+        if len(item.prompts) != 1:
+            raise ValueError(f"batch item {position}: one prompt per item, got {len(item.prompts)}")
+        if item.noise_prior > 0:
+            raise ValueError(f"batch item {position}: the noise prior is not batched; use generate()")
+        if item.model_dump(exclude=_PER_VIDEO) != shared:
+            raise ValueError(f"batch item {position}: differs from item 0 in LoRAs or sampling settings")
+    seeds = [item.seed if item.seed is not None else secrets.randbelow(2**31) for item in items]
+    settings = first.sampling
+    latent_shape(backbone, settings, 1)  # refuse a bad size before any work
+    if composition is not None:
+        if composition.backbone is not backbone or first.fuse or not composition.matches(first.choices()):
+            raise ValueError("the held composition is not the items' LoRA set on this backbone (or fuse is asked)")
+        context: contextlib.AbstractContextManager[list[AppliedLora]] = contextlib.nullcontext(composition.applied)
+    else:
+        context = composed(backbone, first.choices(), fuse=first.fuse, catalog=catalog)
+    with context as applied:
+        started = time.perf_counter()
+        noise = torch.cat([initial_noise(backbone, settings, seed) for seed in seeds])
+        frames = sample_videos(backbone, [item.prompts[0] for item in items], settings, initial_noise=noise,
+                               negative_prompt=first.negative_prompt,
+                               on_step=progress_callback(observers, "sample", f"{len(items)} videos")).cpu()
+        seconds = time.perf_counter() - started
+        return [GeneratedVideo(item.first_index, item.prompts[0], seed, frames[position],
+                               _sidecar(item.first_index, item.prompts[0], seed, item, applied, backbone, seconds))
+                for position, (item, seed) in enumerate(zip(items, seeds, strict=True))]
+
+
 def _sidecar(index: int, prompt: str, seed: int, params: GenerationParams, applied: list[AppliedLora],
              backbone: BackboneSpec, seconds: float) -> dict[str, Any]:
     """Everything needed to replay one video: the resolved parameters, packages with hashes, seed."""
