@@ -27,6 +27,7 @@ per clip on a CPU core, so the pipeline is timed end to end (fixed costs include
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -187,7 +188,8 @@ def report_settings(command: str, args: argparse.Namespace, loops: dict[int, dic
         f"Ray gets num_cpus={args.cpus}; each Ray run is timed end to end in one warm cluster (planning, actor "
         f"start, model load included); the loop does not time its model load ({platform.machine()}, torch "
         f"{torch.__version__}; a shared machine: the last column is its 1-minute load average when each run "
-        "ended).", "",
+        "ended)." + (" The loop row was measured by an earlier run of the same command and passed in with "
+                     "--loop-result." if args.loop_result else ""), "",
         "| path | clips | seconds | clips/s | vs loop | load avg |", "|---|---|---|---|---|---|", *rows, "",
         f"Per clip in the {loop_threads}-thread loop: decode {loop['decode_s'] / loop['clips'] * 1000:.0f} ms, "
         f"encode {loop['encode_s'] / loop['clips']:.1f} s ({loop['encode_s'] / loop['total_s']:.1%} of the time). "
@@ -214,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", help="pipeline settings to time end to end, e.g. "
                         "'encoders=2,encoder_cpus=0.5' (each one run of all videos); default: the quarter/whole "
                         "marginal-rate measurement with the spec defaults")
+    parser.add_argument("--loop-result", help="JSON of a loop measurement of the same workload printed earlier on "
+                        "stderr (`loops: {...}`, with double quotes): reuse it instead of running the loop again "
+                        "(the report says so)")
     parser.add_argument("--no-warm-up", action="store_true", help="skip the one-video warm-up run (with the "
                         "full VAE it costs a whole clip; the first setting then also pays worker start-up)")
     args = parser.parse_args(argv)
@@ -229,13 +234,17 @@ def main(argv: list[str] | None = None) -> int:
         videos = make_videos(root / "videos", args.videos, args.source_size, args.source_frames, args.source_fps)
         spec = DatasetSpec(name="bench", sources=[str(videos)], caption="a texture drifts", frames=args.frames,
                            fps=8, size=(args.size, args.size))
-        loops = {threads: library_loop(base, spec, args.batch_size, threads)
-                 for threads in dict.fromkeys(args.loop_threads or [args.cpus, 1])}
+        if args.loop_result:
+            loops = {int(threads): run for threads, run in json.loads(args.loop_result).items()}
+        else:
+            loops = {threads: library_loop(base, spec, args.batch_size, threads)
+                     for threads in dict.fromkeys(args.loop_threads or [args.cpus, 1])}
         print(f"loops: {loops}", file=sys.stderr, flush=True)
 
         import ray
 
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus,  # never join another cluster on this machine
+                 include_dashboard=False, log_to_driver=False)
         try:
             one = spec.model_copy(update={"name": "one", "sources": [str(videos / "video000.mp4")]})
             if not args.no_warm_up:
@@ -243,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.settings:
                 runs = []
                 for index, (text, knobs) in enumerate(settings):
-                    runs.append((text, ray_run(base, spec, root / f"setting{index}", args.batch_size, **knobs)))
+                    batch_size = int(knobs.pop("batch_size", args.batch_size))
+                    runs.append((text, ray_run(base, spec, root / f"setting{index}", batch_size, **knobs)))
                     print(f"ray {text}: {runs[-1]}", file=sys.stderr, flush=True)
                 sys.stdout.write(report_settings(command, args, loops, runs))
                 return 0
