@@ -50,7 +50,10 @@ def sources(tmp_path_factory, car_turn) -> Path:
 
 def _spec_file(folder: Path, reference: Path, generated: Path, car_caption: str = "A car turns.",
                generated_size: int = 32) -> Path:
-    spec = {"batch_size": 2, "device": "cpu", "datasets": [
+    # Non-default scheduling knobs (two files per decode task, a half-CPU single-threaded encoder): the
+    # records must not depend on them (test_ray_latents_equal_the_single_process_library_path).
+    spec = {"batch_size": 2, "device": "cpu", "files_per_decode_task": 2, "encoder_cpus": 0.5, "encoder_threads": 1,
+            "datasets": [
         {"name": "bicycle", "sources": str(reference / "bicycle"), "caption": "A person is riding a bicycle.", **SMALL},
         {"name": "car-turn", "sources": str(reference / "car_turn" / "car-turn.mp4"), "caption": car_caption,
          **SMALL},
