@@ -17,7 +17,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +39,7 @@ from motiondirector.lora.package import (
     Manifest,
     PackageError,
 )
-from motiondirector.noise_prior import initial_noise, inverted_reference
+from motiondirector.noise_prior import initial_noise, noise_prior_latents
 from motiondirector.sample import SamplingSettings, latent_shape, sample_videos
 from motiondirector.storage import atomic_write, local_path, sha256_file
 from motiondirector.train.resolve import LoraCatalog, resolve_lora
@@ -76,6 +76,8 @@ class GenerationParams(BaseModel):
     height: int | None = Field(None, ge=8)
     width: int | None = Field(None, ge=8)
     fps: float | None = Field(None, gt=0)
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, description="Guidance rescale φ (Lin et al. 2024); "
+                                                                    "0 = plain classifier-free guidance.")
     seed: int | None = Field(None, ge=0, description="Seed of the first video; video i uses seed + i. "
                                                     "None: drawn at random and recorded.")
     noise_prior: float = Field(0.0, ge=0.0, le=1.0)
@@ -102,7 +104,7 @@ class GenerationParams(BaseModel):
             raise ValueError(f"generation parameters {', '.join(unset)} are unset: apply the model's defaults first "
                              "(GenerationParams.with_defaults)")
         return SamplingSettings(steps=self.steps, guidance=self.guidance, frames=self.frames,
-                                height=self.height, width=self.width)
+                                height=self.height, width=self.width, guidance_rescale=self.guidance_rescale)
 
     def choices(self) -> list[tuple[str, LoraChoice]]:
         """(role, choice) in adapter order: motions first, then appearances."""
@@ -178,17 +180,6 @@ def composed(backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *, f
             inject.remove_adapter(unet, lora.name)
 
 
-# --- noise prior ------------------------------------------------------------------------------
-
-def noise_prior_latents(backbone: BackboneSpec, video: str | Path, params: GenerationParams, *,
-                        cache_dir: str | Path | None = None,
-                        on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """z_inv of `video` at the videos' frames, size and fps (noise_prior.py: cached DDIM inversion)."""
-    params = params.with_defaults(backbone.defaults)
-    return inverted_reference(backbone, video, params.frames, (params.height, params.width), params.fps,
-                              cache_dir=cache_dir, on_step=on_step)
-
-
 # --- generation -------------------------------------------------------------------------------
 
 def slugify(text: str, limit: int = 40) -> str:
@@ -221,7 +212,8 @@ def generate(params: GenerationParams, *, backbone: BackboneSpec | None = None,
     latent_shape(backbone, settings, 1)  # refuse a bad size before any work
     prior = None
     if params.noise_prior > 0:
-        prior = noise_prior_latents(backbone, params.reference_video, params, cache_dir=cache_dir,
+        prior = noise_prior_latents(backbone, params.reference_video, frames=params.frames,
+                                    size=(params.height, params.width), fps=params.fps, cache_dir=cache_dir,
                                     on_step=progress_callback(observers, "noise_prior"))
     videos = []
     with composed(backbone, params.choices(), fuse=params.fuse, catalog=catalog) as applied:

@@ -1,7 +1,8 @@
-"""The noise prior (method.md): the DDIM inversion of a reference clip, mixed into a video's initial noise.
+"""The noise prior (method.md): start sampling from a reference clip's inverted noise.
 
-Generation (`--noise-prior`, generate.py) and training's validation samples (`validation.noise_prior`,
-train/loop.py) both start from it, so it lives below both (tests/test_floors.py).
+Initial latents = sqrt(p)·z_inv + sqrt(1−p)·N(0, I), z_inv a 50-step DDIM inversion of the clip
+with an empty prompt. `generate` uses it for single-video motions, the training loop for its
+validation samples (`validation.noise_prior`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from motiondirector.lora import inject
 from motiondirector.sample import SamplingSettings, ddim_invert, latent_shape
 from motiondirector.storage import atomic_write, cache_root
 
-INVERSION_STEPS = 50  # classic DDIM inversion, as the method does
+NOISE_PRIOR_INVERSION_STEPS = 50
 
 
 def reference_clip(video: str | Path, frames: int, size: tuple[int, int], fps: float) -> tuple[torch.Tensor, str]:
@@ -38,9 +39,9 @@ def reference_clip(video: str | Path, frames: int, size: tuple[int, int], fps: f
     return torch.from_numpy(pixels).unsqueeze(0), identity
 
 
-def inverted_reference(backbone: BackboneSpec, video: str | Path, frames: int, size: tuple[int, int], fps: float, *,
-                       cache_dir: str | Path | None = None,
-                       on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def noise_prior_latents(backbone: BackboneSpec, video: str | Path, *, frames: int, size: tuple[int, int],
+                        fps: float, cache_dir: str | Path | None = None,
+                        on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """z_inv (1, C, F, h, w): 50-step DDIM inversion of the reference clip with an empty prompt.
 
     Inverted with the base model alone (no adapters), so the result only depends on the clip and
@@ -48,14 +49,14 @@ def inverted_reference(backbone: BackboneSpec, video: str | Path, frames: int, s
     """
     clip, clip_id = reference_clip(video, frames, size, fps)
     key = fingerprint("noise-prior", clip_id, backbone.model_id, backbone.architecture_fingerprint,
-                      backbone.vae_id, INVERSION_STEPS)
+                      backbone.vae_id, NOISE_PRIOR_INVERSION_STEPS)
     cached = cache_root(cache_dir) / "noise_prior" / f"{key}.safetensors"
     if cached.is_file():
         return load_file(str(cached))["z_inv"]
     # The posterior mean, not a sample: the prior must not depend on a random draw.
     latents = backbone.encode_video(clip).mean * backbone.latent_scaling_factor
     with inject.active(backbone.unet, []):
-        inverted = ddim_invert(backbone, latents, steps=INVERSION_STEPS, on_step=on_step)
+        inverted = ddim_invert(backbone, latents, steps=NOISE_PRIOR_INVERSION_STEPS, on_step=on_step)
     inverted = inverted.float().cpu().contiguous()
     cached.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cached, safetensors_bytes({"z_inv": inverted}, metadata={"video": str(video)}))

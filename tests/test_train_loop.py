@@ -20,6 +20,7 @@ from motiondirector.events import Progress, Recorder, TrainStep
 from motiondirector.lora.inject import Router, adapter_parameters
 from motiondirector.lora.package import read_package
 from motiondirector.losses import spatial_loss, temporal_loss
+from motiondirector.noise_prior import noise_prior_latents
 from motiondirector.train.engine import flat_groups
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.loop import RunFolderError, TrainingInterrupted, train
@@ -278,10 +279,10 @@ def test_the_mode_defaults_to_the_data_kind_and_an_explicit_mode_wins(tiny_backb
 def test_validation_mixes_the_noise_prior_of_the_first_training_video(tiny_backbone, car_turn, tmp_path, monkeypatch):
     """validation.noise_prior p: prompt i starts from sqrt(p)·z_inv + sqrt(1−p)·ε(seed + i), z_inv the
     (cached) DDIM inversion of the first training video, as generate's --noise-prior."""
-    from motiondirector import noise_prior
+    from motiondirector import generate as generation
     from motiondirector.train import loop
 
-    monkeypatch.setattr(noise_prior, "INVERSION_STEPS", 4)  # the method's 50, fewer for speed
+    monkeypatch.setattr(generation, "NOISE_PRIOR_INVERSION_STEPS", 4)  # the method's 50, fewer for speed
     started = []
     monkeypatch.setattr(loop, "sample_videos", lambda backbone, prompts, settings, initial_noise: (
         started.append(initial_noise.clone()), torch.zeros(1, settings.frames, 32, 32, 3))[1])
@@ -295,8 +296,8 @@ def test_validation_mixes_the_noise_prior_of_the_first_training_video(tiny_backb
     assert inversion == [("noise_prior", done, 4, str(car_turn)) for done in range(1, 5)]
     train(make_config(*validation), tmp_path / "plain", backbone=tiny_backbone, records=records)
     with_prior, plain = started
-    z_inv = noise_prior.inverted_reference(  # read back from the cache the run filled
-        tiny_backbone, car_turn, 4, (32, 32), 8.0, cache_dir=tmp_path / "cache")
+    z_inv = noise_prior_latents(  # read back from the cache the run filled
+        tiny_backbone, car_turn, frames=4, size=(32, 32), fps=8.0, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache" / "noise_prior").glob("*.safetensors"))) == 1
     torch.testing.assert_close(with_prior, math.sqrt(0.5) * z_inv + math.sqrt(0.5) * plain)
     assert not torch.allclose(with_prior, plain)

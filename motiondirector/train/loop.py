@@ -51,7 +51,7 @@ from motiondirector.events import (
 )
 from motiondirector.lora.inject import Router
 from motiondirector.lora.package import BaseModelRef, Manifest
-from motiondirector.noise_prior import initial_noise, inverted_reference
+from motiondirector.noise_prior import initial_noise, noise_prior_latents
 from motiondirector.sample import sample_videos
 from motiondirector.storage import atomic_write
 from motiondirector.train.checkpoint import (
@@ -368,9 +368,10 @@ class _Run:
             return
         reference = self.validation_reference()
         with torch.random.fork_rng(devices=_rng_devices(self.device)), torch.no_grad(), self.autocast():
-            self.prior = inverted_reference(self.backbone, reference, validation.frames, validation.size,
-                                            validation.fps, cache_dir=self.config.cache_dir,
-                                            on_step=progress_callback(self.observers, "noise_prior", reference))
+            self.prior = noise_prior_latents(self.backbone, reference, frames=validation.frames,
+                                             size=validation.size, fps=validation.fps,
+                                             cache_dir=self.config.cache_dir,
+                                             on_step=progress_callback(self.observers, "noise_prior", reference))
 
     def validate(self, step: int) -> None:
         """Sample with the inference routing; isolated from the training RNG so it never changes the run.
@@ -442,7 +443,10 @@ class _Run:
                     losses.append(result.losses)
                 updated = self.engine.step(sums, counts)
                 scalars = self.track(draws, losses, updated)
-                self.check_divergence(step, scalars)
+                diverged = self.guard.observe(step, scalars)
+                if self.guard.enabled and ranks.any(diverged is not None):  # every rank stops together
+                    raise diverged or TrainingDiverged(f"training diverged at step {step} on another rank",
+                                                       step=step, loss="")
                 entry = {"step": step, **scalars, **self.describe(draws), "updated": updated,
                          "seconds": round(time.perf_counter() - began, 4)}
                 if metrics is not None and (step % config.log_every == 0 or step == config.steps):
@@ -458,17 +462,6 @@ class _Run:
                     raise TrainingInterrupted(step, path)
                 if ranks.is_main and config.validation.every and step % config.validation.every == 0:
                     self.validate(step)
-
-    def check_divergence(self, step: int, losses: dict[str, float]) -> None:
-        """Every rank stops when any rank's losses diverged (one rank alone would leave the others waiting)."""
-        try:
-            self.guard.observe(step, losses)
-            diverged = None
-        except TrainingDiverged as error:
-            diverged = error
-        if self.ranks.any(diverged is not None):
-            raise diverged or TrainingDiverged(f"another rank's loss diverged at step {step}", step=step,
-                                               loss="another rank's")
 
     def track(self, draws: list, losses: list[dict[str, float]], updated: list[str]) -> dict[str, float]:
         """Record this rank's losses and the updates; returns each loss's mean over the draws computing it."""
