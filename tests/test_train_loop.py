@@ -279,10 +279,10 @@ def test_the_mode_defaults_to_the_data_kind_and_an_explicit_mode_wins(tiny_backb
 def test_validation_mixes_the_noise_prior_of_the_first_training_video(tiny_backbone, car_turn, tmp_path, monkeypatch):
     """validation.noise_prior p: prompt i starts from sqrt(p)·z_inv + sqrt(1−p)·ε(seed + i), z_inv the
     (cached) DDIM inversion of the first training video, as generate's --noise-prior."""
-    from motiondirector import generate as generation
+    from motiondirector import noise_prior
     from motiondirector.train import loop
 
-    monkeypatch.setattr(generation, "NOISE_PRIOR_INVERSION_STEPS", 4)  # the method's 50, fewer for speed
+    monkeypatch.setattr(noise_prior, "NOISE_PRIOR_INVERSION_STEPS", 4)  # the method's 50, fewer for speed
     started = []
     monkeypatch.setattr(loop, "sample_videos", lambda backbone, prompts, settings, initial_noise: (
         started.append(initial_noise.clone()), torch.zeros(1, settings.frames, 32, 32, 3))[1])
