@@ -49,7 +49,7 @@ def loadavg() -> str:
 
 
 def make_ingest(folder: Path, model: Path) -> Path:
-    from motiondirector.data.ingested import load_ingest_spec
+    from motiondirector.api import load_ingest_spec
     from motiondirector.video_io import write_video
     from pipelines.ingest import run_ingest
 
@@ -115,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = write_tiny_model(tmp / "tiny-model")
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ingest = make_ingest(tmp / "data", model)
         dataset = f"{ingest}#a"
         for engine in ("torch", "deepspeed"):

@@ -30,6 +30,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from motiondirector.api import describe_validation_error, sha256_file
+
 # Config keys that do not change the weights a run produces (the library's RESUMABLE_CHANGES minus
 # `steps`, which does): left out of the idempotency key.
 _NOT_IN_KEY = ("device", "log_every", "checkpoint_every", "validation", "cache_dir")
@@ -63,8 +65,8 @@ class Preview(_Strict):
     """The preview gif each job samples at its last step (registered with its LoRAs)."""
 
     enabled: bool = True
-    prompt: str | None = Field(None, description="Default: the job's first validation prompt, else its first "
-                                                 "training caption.")
+    prompt: str | None = Field(None, description="Default: the job's first validation prompt, else the library's "
+                                                 "default (one sample per distinct training caption).")
 
 
 class FaultInjection(_Strict):
@@ -224,7 +226,7 @@ def _grid_suffix(point: dict[str, Any]) -> str:
 
 def _committed_datasets(uri: str, source: str) -> dict[str, Any]:
     """name -> DatasetState of the ingest output's committed datasets (the library's reader)."""
-    from motiondirector.data.ingested import IngestStore
+    from motiondirector.api import IngestStore
 
     try:
         return IngestStore(uri).state().datasets
@@ -233,14 +235,6 @@ def _committed_datasets(uri: str, source: str) -> dict[str, Any]:
 
 
 # --- loading ----------------------------------------------------------------------------------------
-
-def _validation_message(path: Path, error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"]) or "<root>"
-        problems.append(f"{loc}: unknown key" if item["type"] == "extra_forbidden" else f"{loc}: {item['msg']}")
-    return f"{path}: " + "; ".join(problems)
-
 
 def read_spec_file(path: Path) -> BatchSpecFile:
     try:
@@ -254,7 +248,7 @@ def read_spec_file(path: Path) -> BatchSpecFile:
     try:
         return BatchSpecFile.model_validate(data)
     except ValidationError as error:
-        raise SpecError(_validation_message(path, error)) from None
+        raise SpecError(f"{path}: {describe_validation_error(error, BatchSpecFile)}") from None
 
 
 def _job_config(defaults: dict[str, Any], overrides: Sequence[str], dataset: str | None,
@@ -288,10 +282,9 @@ def _key_and_lineage(name: str, config: dict[str, Any], dataset: str, clips: lis
 def load_batch_spec(path: str | Path, *, storage: str | None = None, catalog: str | None = None) -> BatchSpec:
     """Read, expand (from_ingest x grid) and validate every job of a spec; raises SpecError."""
     path = Path(path)
-    raw = path.read_bytes() if path.is_file() else b""
     spec = read_spec_file(path)
     folder = path.resolve().parent
-    spec_sha256 = hashlib.sha256(raw).hexdigest()
+    spec_sha256 = sha256_file(path)
     defaults = dict(spec.defaults)
     if isinstance(defaults.get("data"), dict) and isinstance(defaults["data"].get("dataset"), str):
         defaults["data"] = {**defaults["data"], "dataset": _resolve_reference(defaults["data"]["dataset"], folder)}

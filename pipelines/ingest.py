@@ -26,21 +26,27 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 from ray.exceptions import RayTaskError
 
-from motiondirector.data.errors import DataError
-from motiondirector.data.ingest_plan import ClipWork, RowIndex, build_records, decode_works, plan_works
-from motiondirector.data.ingest_read import prune
-from motiondirector.data.ingest_spec import IngestDataset, IngestSpec
-from motiondirector.data.ingest_store import (
+from motiondirector.api import (
+    CacheRecord,
+    ClipWork,
+    DataError,
     DataFile,
     DatasetState,
+    IngestDataset,
+    IngestSpec,
     IngestStore,
     LiveClip,
     Reject,
+    RowIndex,
+    SourceItem,
+    build_records,
+    decode_works,
+    list_items,
     new_run_id,
+    plan_works,
+    prune,
     write_records,
 )
-from motiondirector.data.records import CacheRecord
-from motiondirector.data.sources import SourceItem, list_items
 
 # Row statuses between stages; the payload column holds the pickled object.
 WORK, ENCODED, REUSED, KEPT, REJECTED = "work", "encoded", "reused", "kept", "rejected"
@@ -110,7 +116,7 @@ class _Encoder:
     """Actor: loads the base model once, turns batches of works into records; rejects pass through."""
 
     def __init__(self, base: str, device: str, output: str, batch_size: int, threads: int | None = None) -> None:
-        from motiondirector.backbones import load_backbone
+        from motiondirector.api import load_backbone
 
         if threads:
             import torch
@@ -171,7 +177,7 @@ class _RunSink(Datasink):
 @ray.remote
 def _encoder_ids(base: str, device: str) -> tuple[str, str]:
     """The ids the actors will fingerprint with (they depend on the device's dtype), for the CPU stage."""
-    from motiondirector.backbones import load_backbone
+    from motiondirector.api import load_backbone
 
     backbone = load_backbone(base, device)
     return backbone.vae_id, backbone.text_encoder_id

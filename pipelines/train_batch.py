@@ -69,17 +69,9 @@ def _join(storage: str, *parts: str) -> str:
 
 def write_json_atomic(uri: str, payload: Any) -> None:
     """A reader sees the whole file or none: temp name + rename locally, one PUT on object stores."""
-    data = json.dumps(payload, indent=2, default=str).encode()
-    from fsspec.implementations.local import LocalFileSystem
+    from motiondirector.api import publish
 
-    fs, path = fsspec.core.url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
-        from motiondirector.lora.package import atomic_write_bytes
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(path), data)
-    else:
-        fs.pipe_file(path, data)
+    publish(uri, json.dumps(payload, indent=2, default=str).encode())
 
 
 # --- progress ------------------------------------------------------------------------------------
@@ -219,17 +211,6 @@ def _restore(checkpoint: Any, run_dir: Path, config: Any, backbone: Any) -> int:
     return step
 
 
-def _rank_arguments(train: Callable[..., Any], rank: int, world_size: int) -> dict[str, int]:
-    """rank/world_size for train() where it takes them (the rank-aware loop of branch core)."""
-    import inspect
-
-    if "rank" in inspect.signature(train).parameters:
-        return {"rank": rank, "world_size": world_size}
-    if world_size != 1:
-        raise RuntimeError("data-parallel jobs (workers > 1) need the rank-aware train(rank=, world_size=)")
-    return {}
-
-
 def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function: one rank of one job."""
     import ray.train
@@ -262,7 +243,7 @@ def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
             summary, manifests = api.train_and_register(
                 config, run_dir, catalog, name=job["name"], tags=_tags(job, loop_config["batch_id"]),
                 description=_description(job), resume=resumed is not None, backbone=backbone,
-                observers=[reporter], **_rank_arguments(api.train, rank, world_size))
+                observers=[reporter], rank=rank, world_size=world_size)
         except (ValueError, FileNotFoundError) as error:  # bad data or config: deterministic, no retry
             return {"error": f"{type(error).__name__}: {error}"}
         seconds = time.perf_counter() - began
@@ -408,7 +389,7 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
     if pending:
         if not ray.is_initialized():
             ray.init()
-        board = ProgressBoard.remote()
+        board = ProgressBoard.options(max_restarts=-1).remote()  # progress only: a restart loses nothing
         total = ray.cluster_resources()
         capacity = {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)}
         for job in pending:
@@ -425,7 +406,9 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
                 job = queue.pop(0)
                 for k, v in _demand(job).items():
                     free[k] = free.get(k, 0.0) - v
-                ref = _fit_job.remote(job.payload(), job.resources.model_dump(), storage, spec.catalog, batch_id, board)
+                # A launcher whose process dies is retried: fit() resumes the run from its storage.
+                ref = _fit_job.options(max_retries=job.resources.max_failures).remote(
+                    job.payload(), job.resources.model_dump(), storage, spec.catalog, batch_id, board)
                 running[ref] = job
                 outcomes[job.job_id].state = "running"
             if not running:  # nothing fits while nothing runs: cannot happen after the capacity check
@@ -435,10 +418,10 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
                 job = running.pop(ref)
                 for k, v in _demand(job).items():
                     free[k] = free.get(k, 0.0) + v
-                _finish(outcomes[job.job_id], ray.get(ref))
+                _finish(outcomes[job.job_id], _outcome(ref))
             if on_update is not None:
-                on_update(snapshot(ray.get(board.snapshot.remote())))
-        live = ray.get(board.snapshot.remote())
+                on_update(snapshot(_live(board)))
+        live = _live(board)
         for job_id, values in live.items():
             outcomes[job_id].rank_digests = {int(k): v for k, v in values.get("rank_digests", {}).items()}
         ray.kill(board)
@@ -454,6 +437,22 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
     if on_update is not None:
         on_update(snapshot())
     return report
+
+
+def _outcome(ref: Any) -> dict[str, Any]:
+    """A launcher's result; its process dying past its retries fails the job (a re-run resumes it)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as error:
+        return {"state": "failed", "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+
+
+def _live(board: Any) -> dict[str, dict[str, Any]]:
+    """The progress board's snapshot, or nothing while it restarts."""
+    try:
+        return ray.get(board.snapshot.remote(), timeout=30)
+    except ray.exceptions.RayError:
+        return {}
 
 
 def _finish(outcome: JobOutcome, result: dict[str, Any]) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from motiondirector.api import describe_validation_error
+
 TOKEN_VARIABLE = "MOTIONDIRECTOR_API_TOKEN"
 TOKEN_FILE_VARIABLE = "MOTIONDIRECTOR_API_TOKEN_FILE"
 
@@ -43,7 +45,8 @@ class ServeSettings(BaseModel):
     generator_cpus: float = Field(1.0, ge=0)
     generator_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1, description="Requests sharing a LoRA set and settings sampled together.")
-    batch_wait_s: float = Field(0.05, ge=0, description="How long a batch waits to fill up.")
+    batch_wait_s: float = Field(0.2, ge=0, description="How long a batch waits to fill up after its first "
+                                                       "request (added to a lone request's latency).")
     compositions_per_replica: int = Field(8, ge=1, description="LoRA sets a replica keeps (serve.multiplexed LRU).")
     packages_per_replica: int = Field(32, ge=1, description="LoRA packages a replica keeps resolved (LRU by id).")
     # Jobs
@@ -80,7 +83,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> ServeSett
     try:
         return ServeSettings.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:5])
+        problems = describe_validation_error(error, ServeSettings, limit=5)
         raise ValueError(f"{source}: invalid settings ({problems})") from None
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from motiondirector.cli import app
-from motiondirector.data.ingested import IngestDataset
+from motiondirector.data.ingest_spec import IngestDataset
 from motiondirector.video_io import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,13 @@ def ingest_in_process(output: Path, model_dir: Path, datasets: list[IngestDatase
     the same files `motiondirector ingest` commits, without starting a Ray Data pipeline."""
     from motiondirector.backbones import load_backbone
     from motiondirector.data.encode import decode_item, encode_clips
-    from motiondirector.data.ingested import DatasetState, IngestStore, LiveClip, new_run_id, write_records
+    from motiondirector.data.ingest_store import (
+        DatasetState,
+        IngestStore,
+        LiveClip,
+        new_run_id,
+        write_records,
+    )
     from motiondirector.data.sources import list_items
 
     backbone = load_backbone(str(model_dir), "cpu")

@@ -45,10 +45,8 @@ def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> typer.Exit:
 @contextmanager
 def reported_errors() -> Iterator[None]:
     """Turn the library's expected errors into one clear line and a documented exit code."""
-    # The error classes only, straight from their light modules: every command (also the fast catalog
-    # ones) enters this block, and importing motiondirector.api would load diffusers and peft.
-    from motiondirector.backbones.base import ModelNotAvailableError, ModelTooLargeError
-    from motiondirector.train.guard import TrainingDiverged
+    # api loads only the modules of the names asked for: the fast catalog commands stay fast.
+    from motiondirector.api import ModelNotAvailableError, ModelTooLargeError, TrainingDiverged
 
     try:
         yield

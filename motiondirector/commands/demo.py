@@ -28,7 +28,7 @@ def _backbone(base: str, out: Path, device: str):
     except ModelNotAvailableError:
         if base != "toy":
             raise
-        from motiondirector.backbones.tiny import write_tiny_model
+        from motiondirector.api import write_tiny_model
         from motiondirector.toyworld.pretrain import toy_model_config
 
         console.print("[bold yellow]notice:[/] the embedded toy model is missing its weights; running the demo on a "
@@ -47,11 +47,18 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """Render a reference clip, train a dual-path motion LoRA on it, generate the motion with a new look."""
-    from motiondirector.api import GenerationParams, LoraChoice, generate, save_videos, train
+    from motiondirector.api import (
+        GenerationParams,
+        LoraChoice,
+        generate,
+        save_videos,
+        train,
+        write_gif,
+        write_video,
+    )
     from motiondirector.toyworld.benchmark import BenchmarkSettings, clip_records, train_config
     from motiondirector.toyworld.evaluate import score_sample
     from motiondirector.toyworld.render import parse_caption, render
-    from motiondirector.video_io import write_gif, write_video
 
     with reported_errors():
         backbone = _backbone(base, out, device)
@@ -85,8 +92,8 @@ def demo(
             s = row["scores"]
             typer.echo(f"{label:9s} {row['files']['mp4']}: motion fidelity {s['fidelity']:+.2f}, colour "
                           f"{'ok' if s['colour'] else 'wrong'}, shape {'ok' if s['shape'] else 'wrong'}, background "
-                          f"{'ok' if s['background'] else 'wrong'}, reference appearance leaked: "
-                          f"{'yes' if s['leak_any'] else 'no'}")
+                          f"{'ok' if s['background'] else 'wrong'}, one object in {s['one_object']:.0%} of frames, "
+                          f"reference appearance leaked: {'yes' if s['leak_any'] else 'no'}")
     typer.echo(f"reference clip: {reference_files[0]}\nmotion LoRA: {summary.packages['temporal']}")
 
 

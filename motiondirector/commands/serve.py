@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -30,39 +28,21 @@ def serve_command(config: ConfigOption = None, base: BaseOption = None, catalog:
     except ValueError as error:
         raise fail(str(error)) from None
 
-    import ray
-    from ray import serve
+    from serve.run import AppDidNotStart, running
 
-    from serve.app import application
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, log_to_driver=False)  # joins $RAY_ADDRESS when set, else starts one
-    own_cluster = started and not os.environ.get("RAY_ADDRESS")
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        try:
-            serve.run(application(settings), name=settings.app_name, route_prefix=settings.route_prefix)
-        except Exception as error:  # a replica failed to start (e.g. the model could not be loaded)
-            unavailable = "ModelNotAvailableError" in str(error) or "ModelTooLargeError" in str(error)
-            raise fail(f"the application did not start: {error}",
-                       ExitCode.MODEL_UNAVAILABLE if unavailable else ExitCode.FAILED) from None
-        url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
-        console.print(f"serving {settings.base} at {url}/ (API docs: {url}/docs); Ctrl-C stops", highlight=False)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            console.print("stopping", highlight=False)
-    finally:
-        if own_cluster:
-            serve.shutdown()
-            ray.shutdown()
-        else:  # a shared cluster: take down this application only
-            with contextlib.suppress(Exception):
-                serve.delete(settings.app_name)
-            if started:
-                ray.shutdown()  # disconnects this driver; the cluster stays
+        with running(settings) as url:
+            console.print(f"serving {settings.base} at {url}/ (API docs: {url}/docs); Ctrl-C stops", highlight=False)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                console.print("stopping", highlight=False)
+    except KeyboardInterrupt:  # while the app was still starting (after that, Ctrl-C is the normal stop)
+        raise fail("interrupted while starting", ExitCode.INTERRUPTED) from None
+    except AppDidNotStart as error:
+        raise fail(f"the application did not start: {error}",
+                   ExitCode.MODEL_UNAVAILABLE if error.model_unavailable else ExitCode.FAILED) from None
 
 
 def register(app: typer.Typer) -> None:
