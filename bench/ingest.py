@@ -185,11 +185,11 @@ def report_settings(command: str, args: argparse.Namespace, loops: dict[int, dic
         title, "", f"`{command}`", "",
         f"{args.videos} generated videos ({args.source_size}x{args.source_size}, {args.source_frames} frames at "
         f"{args.source_fps} fps) -> one clip each: {args.frames} frames at 8 fps, {args.size}x{args.size}. Model: {model}, on CPU. "
-        f"Ray gets num_cpus={args.cpus}; each Ray run is timed end to end in one warm cluster (planning, actor "
-        f"start, model load included); the loop does not time its model load ({platform.machine()}, torch "
+        f"Ray gets num_cpus={args.cpus}; each Ray run is timed end to end in one cluster (planning, actor "
+        f"start, model load included{'; no warm-up run, so the first also pays worker start-up' if args.no_warm_up else ''}); the loop does not time its model load ({platform.machine()}, torch "
         f"{torch.__version__}; a shared machine: the last column is its 1-minute load average when each run "
-        "ended)." + (" The loop row was measured by an earlier run of the same command and passed in with "
-                     "--loop-result." if args.loop_result else ""), "",
+        "ended)." + (" The loop row was measured by an earlier run of this script on the same workload (same videos, "
+                     "model and seed) and passed in with --loop-result." if args.loop_result else ""), "",
         "| path | clips | seconds | clips/s | vs loop | load avg |", "|---|---|---|---|---|---|", *rows, "",
         f"Per clip in the {loop_threads}-thread loop: decode {loop['decode_s'] / loop['clips'] * 1000:.0f} ms, "
         f"encode {loop['encode_s'] / loop['clips']:.1f} s ({loop['encode_s'] / loop['total_s']:.1%} of the time). "
