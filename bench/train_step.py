@@ -34,6 +34,7 @@ from report import replace_section  # bench/ is on sys.path when run as a script
 from motiondirector.backbones.tiny import TinyModelConfig, build_components, write_tiny_model
 from motiondirector.backbones.unet3d import UNet3DSpec
 from motiondirector.config import TrainConfig, load_config
+from motiondirector.events import TrainStep
 from motiondirector.train.loop import train
 from motiondirector.train.synthetic import synthetic_records
 
@@ -85,7 +86,7 @@ def step_flops(config: TrainConfig, backbone, records, out: Path) -> float | Non
     try:
         with counter:
             train(config.model_copy(update={"steps": 1, "gradient_checkpointing": False}), out, backbone=backbone,
-                  records=records, progress=False)
+                  records=records)
     except torch.cuda.OutOfMemoryError:
         print("FLOP count skipped: one step without gradient checkpointing does not fit", file=sys.stderr)
         return None
@@ -100,15 +101,16 @@ def measure(name: str, config: TrainConfig, backbone, records, steps: int, warmu
     flops = step_flops(config, backbone, records, tmp / f"{name}-flops") if cuda else None
     stamps: list[float] = []
 
-    def on_step(step: int, entry: dict) -> None:
-        if cuda:
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+    def on_step(event) -> None:
+        if isinstance(event, TrainStep):
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    train(config, tmp / f"{name}-run", backbone=backbone, records=records, progress=False, on_step=on_step)
+    train(config, tmp / f"{name}-run", backbone=backbone, records=records, observers=[on_step])
     intervals = [b - a for a, b in zip([began, *stamps[:-1]], stamps, strict=True)][warmup:]
     result = {
         "setup": name, "device": torch.cuda.get_device_name() if cuda else cpu_name(),

@@ -6,8 +6,6 @@ silently ignored setting. Defaults follow the reference configs in method.md.
 
 from __future__ import annotations
 
-import difflib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,10 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from motiondirector.data.ingested import DatasetReference
+from motiondirector.backbones.defaults import ModelDefaults
+from motiondirector.data.reference import DatasetReference
 from motiondirector.data.sources import DatasetSpec
+from motiondirector.errors import describe_validation_error
 from motiondirector.lora.settings import LoraSettings
 from motiondirector.sample import SamplingSettings
+from motiondirector.storage import normalize
 
 Mode = Literal["dual_path", "dual_path_no_ad", "coupled", "spatial_only"]
 Routing = Literal["auto", "per_video", "shared", "per_clip"]
@@ -70,15 +71,34 @@ class ValidationSection(_Section):
 
     every: int = Field(0, ge=0, description="Sample every N steps and at the end; 0 = never.")
     prompts: list[str] = Field(default_factory=list, description="Empty: the training captions.")
-    steps: int = Field(30, ge=1)
-    guidance: float = Field(12.0, ge=0)
-    frames: int = Field(16, ge=1)
-    size: tuple[int, int] = (384, 384)
-    fps: float = Field(8.0, gt=0)
+    # Unset: the base model's own sampling settings, frames, size and fps (backbones/defaults.py).
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=0)
+    frames: int | None = Field(None, ge=1)
+    size: tuple[int, int] | None = None
+    fps: float | None = Field(None, gt=0)
     seed: int = 0
+    noise_prior: float = Field(0.0, ge=0.0, le=1.0, description="Strength p of the reference clip's inverted noise "
+                               "in the initial noise (the reference validates single videos at 0.5); 0: plain noise.")
+    reference: str | None = Field(None, description="Video whose inverted noise the prior uses; unset: the first "
+                                  "training video.")
+
+    @model_validator(mode="after")
+    def _reference_needs_prior(self) -> ValidationSection:
+        if self.reference and self.noise_prior == 0:
+            raise ValueError("validation.reference is only used by the noise prior: set validation.noise_prior > 0")
+        return self
+
+    def with_model_defaults(self, defaults: ModelDefaults) -> ValidationSection:
+        native = {"steps": defaults.steps, "guidance": defaults.guidance, "frames": defaults.frames,
+                  "size": (defaults.height, defaults.width), "fps": defaults.fps}
+        return self.model_copy(update={k: v for k, v in native.items() if getattr(self, k) is None})
 
     @property
     def sampling(self) -> SamplingSettings:
+        if None in (self.steps, self.guidance, self.frames, self.size):
+            raise ValueError("validation sampling settings are unset: apply the base model's defaults first "
+                             "(TrainConfig.with_model_defaults)")
         return SamplingSettings(steps=self.steps, guidance=self.guidance, frames=self.frames,
                                 height=self.size[0], width=self.size[1])
 
@@ -92,12 +112,32 @@ class EngineSection(_Section):
     zero_stage: Literal[1, 2] = 2
 
 
+class TimestepSection(_Section):
+    """Timestep emphasis: a share of steps draws t from [high_from, T) instead of [0, T).
+
+    On a zero-terminal-SNR base the motion is decided at high timesteps, where uniform draws spend
+    few steps (docs/toyworld.md); 0 keeps the uniform draw of the reference code.
+    """
+
+    high_share: float = Field(0.0, ge=0.0, le=1.0, description="Share of steps drawing t from [high_from, T).")
+    high_from: int = Field(800, ge=0, description="First timestep of the high range (must be < T).")
+
+
+class DivergenceSection(_Section):
+    """Stop a run whose loss explodes (e.g. a too-high lr or rank) instead of training garbage."""
+
+    enabled: bool = True
+    factor: float = Field(5.0, gt=1.0, description="Stop when a loss's recent mean exceeds factor × its early mean.")
+    window: int = Field(20, ge=1, description="Steps in the early and the recent mean (each loss separately).")
+
+
 class TrainConfig(_Section):
     base: str = Field(description="Base model: 'toy', a diffusers folder or a hub id.")
     device: str = "auto"
     seed: int = 0
     steps: int = Field(150, ge=1)
-    mode: Mode = "dual_path"
+    mode: Mode | None = Field(None, description="Unset: dual_path for videos, spatial_only for images "
+                                                "(temporal training is off for images, method.md).")
     lora: LoraSection = Field(default_factory=LoraSection)
     spatial_lora: Routing = Field("auto", description="auto: per_video for videos, shared for images.")
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
@@ -105,12 +145,15 @@ class TrainConfig(_Section):
     ad_beta: float = Field(1.0, ge=0.0)
     mixed_precision: Precision = Field("auto", description="auto: bf16 (fp16 without bf16) on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = True
+    gradient_accumulation: int = Field(1, ge=1, description="Draws per rank averaged into each optimizer step.")
     checkpoint_every: int = Field(50, ge=0, description="0: checkpoints only when interrupted.")
     validation: ValidationSection = Field(default_factory=ValidationSection)
     log_every: int = Field(1, ge=1)
     data: DataSection
     cache_dir: str | None = None
     engine: EngineSection = Field(default_factory=EngineSection)
+    timesteps: TimestepSection = Field(default_factory=TimestepSection)
+    divergence: DivergenceSection = Field(default_factory=DivergenceSection)
 
     @field_validator("data", mode="wrap")
     @classmethod
@@ -126,6 +169,16 @@ class TrainConfig(_Section):
                              f"'auto', not {self.spatial_lora!r}")
         return self
 
+    def mode_for(self, images: bool) -> Mode:
+        """The mode actually used, given whether the data are images: the user's, else the data's default."""
+        if self.mode is not None:
+            return self.mode
+        return "spatial_only" if images else "dual_path"
+
+    def with_data_kind(self, images: bool) -> TrainConfig:
+        """This config with an unset mode set from the data (recorded in the run's config.yaml)."""
+        return self if self.mode is not None else self.model_copy(update={"mode": self.mode_for(images)})
+
     def routing(self, images: bool) -> str:
         """The spatial LoRA routing actually used, given whether the data are images."""
         if self.mode == "coupled":
@@ -133,6 +186,14 @@ class TrainConfig(_Section):
         if self.spatial_lora == "auto":
             return "shared" if images else "per_video"
         return self.spatial_lora
+
+    def with_model_defaults(self, defaults: ModelDefaults) -> TrainConfig:
+        """Unset data geometry and validation settings taken from the base model (recorded in the run's
+        config.yaml, so a resumed or replayed run uses the same values)."""
+        update: dict[str, Any] = {"validation": self.validation.with_model_defaults(defaults)}
+        if isinstance(self.data, DatasetSpec):
+            update["data"] = self.data.with_model_defaults(defaults)
+        return self.model_copy(update=update)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -173,32 +234,8 @@ def _resolve_sources(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     listed = [sources] if isinstance(sources, str) else sources
     if not isinstance(listed, list):
         return data  # pydantic reports the type error
-    resolved = [os.path.normpath(folder / s) if isinstance(s, str) and "://" not in s and not Path(s).is_absolute()
-                else s for s in listed]
+    resolved = [normalize(s, relative_to=folder) if isinstance(s, str) else s for s in listed]
     return {**data, "data": {**section, "sources": resolved}}
-
-
-def _section_fields(loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the config section at `loc` (for 'did you mean' hints); [] if unknown."""
-    model: Any = TrainConfig
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = field.annotation
-    return list(getattr(model, "model_fields", {}))
-
-
-def _describe(error: dict[str, Any]) -> str:
-    loc = tuple(error["loc"])
-    key = ".".join(map(str, loc)) or "<root>"
-    if error["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(str(loc[-1]), _section_fields(loc[:-1]), n=1)
-        return f"{key}: unknown key" + (f" (did you mean {'.'.join(map(str, (*loc[:-1], hint[0])))}?)"
-                                        if hint else "")
-    if error["type"] == "missing":
-        return f"{key}: required key is missing"
-    return f"{key}: {error['msg']}"
 
 
 def validate_config(data: Any, source: str) -> TrainConfig:
@@ -208,8 +245,7 @@ def validate_config(data: Any, source: str) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(_describe(e) for e in error.errors())
-        raise ConfigError(f"{source}: {problems}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(error, TrainConfig)}") from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

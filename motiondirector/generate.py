@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,14 +25,11 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from motiondirector.backbones.base import BackboneSpec
-from motiondirector.data.cache import cache_root
-from motiondirector.data.records import fingerprint
+from motiondirector.backbones.defaults import ModelDefaults
+from motiondirector.errors import describe_validation_error
+from motiondirector.events import Observer, progress_callback
 from motiondirector.lora import inject
 from motiondirector.lora.inject import apply_package
 from motiondirector.lora.interop import plain_linears
@@ -42,15 +38,15 @@ from motiondirector.lora.package import (
     LoraKind,
     Manifest,
     PackageError,
-    atomic_write_bytes,
-    sha256_file,
 )
-from motiondirector.lora.resolve import LoraCatalog, resolve_lora
-from motiondirector.sample import SamplingSettings, ddim_invert, latent_shape, sample_videos
+from motiondirector.noise_prior import initial_noise, noise_prior_latents
+from motiondirector.sample import SamplingSettings, latent_shape, sample_videos
+from motiondirector.storage import atomic_write, local_path, sha256_file
+from motiondirector.train.resolve import LoraCatalog, resolve_lora
 
 SIDECAR_SCHEMA_VERSION = 1
-NOISE_PRIOR_INVERSION_STEPS = 50
 _ROLES: dict[str, LoraKind] = {"motion": "temporal", "appearance": "spatial"}
+_DEFAULTED = ("steps", "guidance", "frames", "height", "width", "fps")
 
 
 # --- parameters -------------------------------------------------------------------------------
@@ -73,12 +69,15 @@ class GenerationParams(BaseModel):
     negative_prompt: str = ""
     motions: list[LoraChoice] = Field(default_factory=list)
     appearances: list[LoraChoice] = Field(default_factory=list)
-    steps: int = Field(30, ge=1)
-    guidance: float = Field(12.0, ge=0)
-    frames: int = Field(16, ge=1)
-    height: int = Field(384, ge=8)
-    width: int = Field(384, ge=8)
-    fps: float = Field(8.0, gt=0)
+    # None: the base model's own value (backbones/defaults.py); the sidecar records the value used.
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=0)
+    frames: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=8)
+    width: int | None = Field(None, ge=8)
+    fps: float | None = Field(None, gt=0)
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, description="Guidance rescale φ (Lin et al. 2024); "
+                                                                    "0 = plain classifier-free guidance.")
     seed: int | None = Field(None, ge=0, description="Seed of the first video; video i uses seed + i. "
                                                     "None: drawn at random and recorded.")
     noise_prior: float = Field(0.0, ge=0.0, le=1.0)
@@ -94,10 +93,18 @@ class GenerationParams(BaseModel):
             raise ValueError("a reference video is only used by the noise prior: give --noise-prior P > 0")
         return self
 
+    def with_defaults(self, defaults: ModelDefaults) -> GenerationParams:
+        """Every unset sampling value taken from the base model's defaults."""
+        return self.model_copy(update={k: v for k, v in defaults.values().items() if getattr(self, k) is None})
+
     @property
     def sampling(self) -> SamplingSettings:
+        unset = [name for name in _DEFAULTED if getattr(self, name) is None]
+        if unset:
+            raise ValueError(f"generation parameters {', '.join(unset)} are unset: apply the model's defaults first "
+                             "(GenerationParams.with_defaults)")
         return SamplingSettings(steps=self.steps, guidance=self.guidance, frames=self.frames,
-                                height=self.height, width=self.width)
+                                height=self.height, width=self.width, guidance_rescale=self.guidance_rescale)
 
     def choices(self) -> list[tuple[str, LoraChoice]]:
         """(role, choice) in adapter order: motions first, then appearances."""
@@ -128,7 +135,12 @@ class GeneratedVideo:
     prompt: str
     seed: int
     frames: torch.Tensor  # (F, H, W, 3) float in [0, 1]
-    files: dict[str, Path] = field(default_factory=dict)  # mp4, gif, png, json (the sidecar)
+    sidecar: dict[str, Any]  # the replayable record of this video (parameters used, packages, seed)
+    files: dict[str, Path] = field(default_factory=dict)  # after save_video: mp4, gif, png, json (the sidecar)
+
+    @property
+    def fps(self) -> float:
+        return float(self.sidecar["params"]["fps"])
 
 
 # --- composing packages -----------------------------------------------------------------------
@@ -168,59 +180,6 @@ def composed(backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *, f
             inject.remove_adapter(unet, lora.name)
 
 
-# --- noise prior ------------------------------------------------------------------------------
-
-def reference_clip(video: str | Path, frames: int, size: tuple[int, int], fps: float) -> tuple[torch.Tensor, str]:
-    """The first `frames` frames of `video` sampled at `fps` and fitted to `size`: (1, F, H, W, 3) uint8.
-
-    Returns the frames and their fingerprint (content hash, frame indices, size, crop).
-    """
-    from motiondirector.data.clips import ClipPolicy, fit_frames, plan_clips
-    from motiondirector.data.video import content_hash, probe_video, read_frames
-
-    path = str(video)
-    indices = plan_clips(probe_video(path), ClipPolicy(frames=frames, fps=fps))[0]
-    pixels = fit_frames(read_frames(path, indices), size, crop="center")
-    identity = fingerprint("reference-clip", content_hash(path), indices, list(size), "center")
-    return torch.from_numpy(pixels).unsqueeze(0), identity
-
-
-def noise_prior_latents(backbone: BackboneSpec, video: str | Path, params: GenerationParams, *,
-                        cache_dir: str | Path | None = None,
-                        on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """z_inv (1, C, F, h, w): 50-step DDIM inversion of the reference clip with an empty prompt.
-
-    Inverted with the base model alone (no adapters), so the result only depends on the clip and
-    the base and is cached under the cache root by their fingerprint.
-    """
-    clip, clip_id = reference_clip(video, params.frames, (params.height, params.width), params.fps)
-    key = fingerprint("noise-prior", clip_id, backbone.model_id, backbone.architecture_fingerprint,
-                      backbone.vae_id, NOISE_PRIOR_INVERSION_STEPS)
-    cached = cache_root(cache_dir) / "noise_prior" / f"{key}.safetensors"
-    if cached.is_file():
-        return load_file(str(cached))["z_inv"]
-    # The posterior mean, not a sample: the prior must not depend on a random draw.
-    latents = backbone.encode_video(clip).mean * backbone.latent_scaling_factor
-    with inject.active(backbone.unet, []):
-        inverted = ddim_invert(backbone, latents, steps=NOISE_PRIOR_INVERSION_STEPS, on_step=on_step)
-    inverted = inverted.float().cpu().contiguous()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cached, safetensors_bytes({"z_inv": inverted}, metadata={"video": str(video)}))
-    return inverted
-
-
-def initial_noise(backbone: BackboneSpec, settings: SamplingSettings, seed: int,
-                  prior: torch.Tensor | None = None, prior_strength: float = 0.0) -> torch.Tensor:
-    """N(0, I) from a CPU generator seeded with `seed`, mixed with the prior: sqrt(p)·z_inv + sqrt(1−p)·ε."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(latent_shape(backbone, settings, 1), generator=generator, dtype=torch.float32)
-    if prior is None or prior_strength == 0:
-        return noise
-    if tuple(prior.shape) != tuple(noise.shape):
-        raise ValueError(f"noise prior has shape {tuple(prior.shape)}, the videos need {tuple(noise.shape)}")
-    return math.sqrt(prior_strength) * prior.float() + math.sqrt(1.0 - prior_strength) * noise
-
-
 # --- generation -------------------------------------------------------------------------------
 
 def slugify(text: str, limit: int = 40) -> str:
@@ -230,84 +189,166 @@ def slugify(text: str, limit: int = 40) -> str:
 
 def _absolute_if_local(reference: str) -> str:
     """Local paths become absolute so a sidecar replays from any working folder."""
-    path = Path(reference).expanduser()
+    path = local_path(reference)
     return str(path.resolve()) if path.exists() else reference
 
 
-def generate(params: GenerationParams, out_dir: str | Path | None = None, *,
-             backbone: BackboneSpec | None = None, device: str | torch.device | None = None,
-             catalog: LoraCatalog | None = None, cache_dir: str | Path | None = None,
-             progress: bool = True) -> list[GeneratedVideo]:
-    """Generate one video per prompt; with `out_dir`, write mp4 + gif + png grid + JSON sidecar each.
+def generate(params: GenerationParams, *, backbone: BackboneSpec | None = None,
+             device: str | torch.device | None = None, catalog: LoraCatalog | None = None,
+             cache_dir: str | Path | None = None, observers: Sequence[Observer] = ()) -> list[GeneratedVideo]:
+    """Generate one video per prompt, in memory: frames + the sidecar document (`save_video` writes files).
 
-    `backbone` reuses a loaded model (it is left unchanged); otherwise `params.base` is loaded on `device`.
+    Sampling values left unset take the base model's defaults. `backbone` reuses a loaded model (it is
+    left unchanged); otherwise `params.base` is loaded on `device`. Progress goes to `observers`
+    (phases "noise_prior" and "sample").
     """
     if backbone is None:
         from motiondirector.backbones import load_backbone
 
         backbone = load_backbone(params.base, device)
+    params = params.with_defaults(backbone.defaults)
     seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
     settings = params.sampling
-    latent_shape(backbone, settings, 1)  # refuse a bad --size before any work
-    console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
-        prior = None
-        if params.noise_prior > 0:
-            task = bar.add_task("noise prior (DDIM inversion)", total=NOISE_PRIOR_INVERSION_STEPS)
-            prior = noise_prior_latents(backbone, params.reference_video, params, cache_dir=cache_dir,
-                                        on_step=lambda done, _: bar.update(task, completed=done))
-        videos = []
-        with composed(backbone, params.choices(), fuse=params.fuse, catalog=catalog) as applied:
-            for offset, prompt in enumerate(params.prompts):
-                index, video_seed = params.first_index + offset, seed + offset
-                task = bar.add_task(f"video {offset + 1}/{len(params.prompts)}", total=settings.steps)
-                started = time.perf_counter()
-                frames = sample_videos(backbone, [prompt], settings,
-                                       initial_noise=initial_noise(backbone, settings, video_seed, prior,
-                                                                   params.noise_prior),
-                                       negative_prompt=params.negative_prompt,
-                                       on_step=lambda done, _, task=task: bar.update(task, completed=done))[0].cpu()
-                video = GeneratedVideo(index, prompt, video_seed, frames)
-                if out_dir is not None:
-                    video.files = _write_outputs(video, params, applied, backbone, Path(out_dir),
-                                                 seconds=time.perf_counter() - started)
-                videos.append(video)
+    latent_shape(backbone, settings, 1)  # refuse a bad size before any work
+    prior = None
+    if params.noise_prior > 0:
+        prior = noise_prior_latents(backbone, params.reference_video, frames=params.frames,
+                                    size=(params.height, params.width), fps=params.fps, cache_dir=cache_dir,
+                                    on_step=progress_callback(observers, "noise_prior"))
+    videos = []
+    with composed(backbone, params.choices(), fuse=params.fuse, catalog=catalog) as applied:
+        for offset, prompt in enumerate(params.prompts):
+            index, video_seed = params.first_index + offset, seed + offset
+            started = time.perf_counter()
+            on_step = progress_callback(observers, "sample", f"video {offset + 1}/{len(params.prompts)}")
+            frames = sample_videos(backbone, [prompt], settings,
+                                   initial_noise=initial_noise(backbone, settings, video_seed, prior,
+                                                               params.noise_prior),
+                                   negative_prompt=params.negative_prompt, on_step=on_step)[0].cpu()
+            sidecar = _sidecar(index, prompt, video_seed, params, applied, backbone,
+                               seconds=time.perf_counter() - started)
+            videos.append(GeneratedVideo(index, prompt, video_seed, frames, sidecar))
     return videos
 
 
-def _write_outputs(video: GeneratedVideo, params: GenerationParams, applied: list[AppliedLora],
-                   backbone: BackboneSpec, out_dir: Path, seconds: float) -> dict[str, Path]:
-    from motiondirector.video_io import write_gif, write_grid_png, write_video
+# Fields a batch's items must share (everything but the prompt, the seed and the output index).
+_PER_VIDEO = {"prompts", "seed", "first_index"}
 
-    stem = f"{video.index}-{slugify(video.prompt)}-{video.seed}"
-    files = {"mp4": write_video(video.frames, out_dir / f"{stem}.mp4", params.fps),
-             "gif": write_gif(video.frames, out_dir / f"{stem}.gif", params.fps),
-             "png": write_grid_png(video.frames, out_dir / f"{stem}.png")}
+
+class HeldComposition:
+    """A LoRA set applied to a backbone and kept applied until `close()` (a server keeps one between batches).
+
+    The same packages at the same scales as `composed(backbone, choices)`, entered once: requests for
+    this set then skip adapter injection (`generate_batch(..., composition=held)`). Closing hands the
+    backbone back as it was. One at a time per backbone: the model is modified in place.
+    """
+
+    def __init__(self, backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *,
+                 catalog: LoraCatalog | None = None) -> None:
+        self.backbone = backbone
+        self.choices = [(role, choice.model_copy()) for role, choice in choices]
+        self._stack = contextlib.ExitStack()
+        self.applied: list[AppliedLora] = self._stack.enter_context(composed(backbone, self.choices, catalog=catalog))
+
+    def matches(self, choices: list[tuple[str, LoraChoice]]) -> bool:
+        return [(role, c.model_dump()) for role, c in choices] == [(role, c.model_dump()) for role, c in self.choices]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def generate_batch(items: Sequence[GenerationParams], *, backbone: BackboneSpec,
+                   catalog: LoraCatalog | None = None, observers: Sequence[Observer] = (),
+                   composition: HeldComposition | None = None) -> list[GeneratedVideo]:
+    """One video per item, sampled together in one sampler call (what a server batches).
+
+    Items have one prompt each and must share everything else but the seed (LoRAs and scales,
+    sampling settings, negative prompt; no noise prior). Each video's initial noise comes from its
+    own seed exactly as in `generate`, so a batch of one is `generate` bit for bit; larger batches
+    match it up to float rounding of the batched kernels. Progress: phase "sample", label "N videos".
+    `composition`: the items' LoRA set, already applied and held (it must match them; no fuse).
+    """
+    if not items:
+        return []
+    items = [item.with_defaults(backbone.defaults) for item in items]
+    first = items[0]
+    shared = first.model_dump(exclude=_PER_VIDEO)
+    for position, item in enumerate(items):
+        if len(item.prompts) != 1:
+            raise ValueError(f"batch item {position}: one prompt per item, got {len(item.prompts)}")
+        if item.noise_prior > 0:
+            raise ValueError(f"batch item {position}: the noise prior is not batched; use generate()")
+        if item.model_dump(exclude=_PER_VIDEO) != shared:
+            raise ValueError(f"batch item {position}: differs from item 0 in LoRAs or sampling settings")
+    seeds = [item.seed if item.seed is not None else secrets.randbelow(2**31) for item in items]
+    settings = first.sampling
+    latent_shape(backbone, settings, 1)  # refuse a bad size before any work
+    if composition is not None:
+        if composition.backbone is not backbone or first.fuse or not composition.matches(first.choices()):
+            raise ValueError("the held composition is not the items' LoRA set on this backbone (or fuse is asked)")
+        context: contextlib.AbstractContextManager[list[AppliedLora]] = contextlib.nullcontext(composition.applied)
+    else:
+        context = composed(backbone, first.choices(), fuse=first.fuse, catalog=catalog)
+    with context as applied:
+        started = time.perf_counter()
+        noise = torch.cat([initial_noise(backbone, settings, seed) for seed in seeds])
+        frames = sample_videos(backbone, [item.prompts[0] for item in items], settings, initial_noise=noise,
+                               negative_prompt=first.negative_prompt,
+                               on_step=progress_callback(observers, "sample", f"{len(items)} videos")).cpu()
+        seconds = time.perf_counter() - started
+        return [GeneratedVideo(item.first_index, item.prompts[0], seed, frames[position],
+                               _sidecar(item.first_index, item.prompts[0], seed, item, applied, backbone, seconds))
+                for position, (item, seed) in enumerate(zip(items, seeds, strict=True))]
+
+
+def _sidecar(index: int, prompt: str, seed: int, params: GenerationParams, applied: list[AppliedLora],
+             backbone: BackboneSpec, seconds: float) -> dict[str, Any]:
+    """Everything needed to replay one video: the resolved parameters, packages with hashes, seed."""
     by_role = {role: [LoraChoice(reference=str(lora.folder), scale=lora.scale)
                       for lora in applied if lora.role == role] for role in _ROLES}
     replay = params.model_copy(update={
-        "base": _absolute_if_local(params.base), "prompts": [video.prompt], "seed": video.seed,
-        "first_index": video.index, "motions": by_role["motion"], "appearances": by_role["appearance"],
+        "base": _absolute_if_local(params.base), "prompts": [prompt], "seed": seed,
+        "first_index": index, "motions": by_role["motion"], "appearances": by_role["appearance"],
         "reference_video": params.reference_video and _absolute_if_local(params.reference_video)})
-    sidecar = {
+    return {
         "schema_version": SIDECAR_SCHEMA_VERSION,
-        "index": video.index,
-        "prompt": video.prompt,
-        "seed": video.seed,
+        "index": index,
+        "prompt": prompt,
+        "seed": seed,
         "params": replay.model_dump(mode="json"),
+        "defaults_source": backbone.defaults.source,
         "loras": [lora.record() for lora in applied],
         "base": {"model_id": backbone.model_id, "architecture": backbone.architecture_fingerprint},
-        "files": {kind: path.name for kind, path in files.items()},
         "environment": {"device": str(backbone.device), "dtype": str(backbone.unet.dtype),
                         "torch": torch.__version__, "threads": torch.get_num_threads()},
         "seconds": round(seconds, 3),
         "created_at": datetime.now(UTC).isoformat(),
     }
+
+
+def video_stem(video: GeneratedVideo) -> str:
+    return f"{video.index}-{slugify(video.prompt)}-{video.seed}"
+
+
+def save_video(video: GeneratedVideo, out_dir: str | Path) -> dict[str, Path]:
+    """Write mp4 + gif + png grid, then the JSON sidecar last (a sidecar marks its video complete)."""
+    from motiondirector.video_io import write_gif, write_grid_png, write_video
+
+    out_dir, stem = Path(out_dir), video_stem(video)
+    files = {"mp4": write_video(video.frames, out_dir / f"{stem}.mp4", video.fps),
+             "gif": write_gif(video.frames, out_dir / f"{stem}.gif", video.fps),
+             "png": write_grid_png(video.frames, out_dir / f"{stem}.png")}
     files["json"] = out_dir / f"{stem}.json"
-    # Written last: a sidecar marks its video complete.
-    atomic_write_bytes(files["json"], json.dumps(sidecar, indent=2).encode())
+    document = {**video.sidecar, "files": {kind: path.name for kind, path in files.items()}}
+    atomic_write(files["json"], json.dumps(document, indent=2).encode())
+    video.files = files
     return files
+
+
+def save_videos(videos: list[GeneratedVideo], out_dir: str | Path) -> list[GeneratedVideo]:
+    for video in videos:
+        save_video(video, out_dir)
+    return videos
 
 
 def validated_params(data: dict[str, Any], source: str) -> GenerationParams:
@@ -315,7 +356,7 @@ def validated_params(data: dict[str, Any], source: str) -> GenerationParams:
     try:
         return GenerationParams.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in error.errors()[:5])
+        problems = describe_validation_error(error, GenerationParams, limit=5)
         raise ValueError(f"{source}: invalid generation parameters ({problems})") from None
 
 
@@ -332,7 +373,7 @@ def read_sidecar(path: str | Path) -> tuple[GenerationParams, dict[str, Any]]:
     return validated_params(data, f"{path} params"), document
 
 
-def replay(sidecar: str | Path, out_dir: str | Path | None = None, **kwargs: Any) -> list[GeneratedVideo]:
+def replay(sidecar: str | Path, **kwargs: Any) -> list[GeneratedVideo]:
     """Generate again from a sidecar; refuses when a package's weights changed since (output would differ)."""
     params, document = read_sidecar(sidecar)
     for lora in document.get("loras", []):
@@ -340,7 +381,7 @@ def replay(sidecar: str | Path, out_dir: str | Path | None = None, **kwargs: Any
         if weights.is_file() and sha256_file(weights) != lora["weights_sha256"]:
             raise PackageError(f"{weights}: changed since {sidecar} was written (sha256 differs); "
                                "the replay would not reproduce the video")
-    return generate(params, out_dir, **kwargs)
+    return generate(params, **kwargs)
 
 
 def package_base(params: GenerationParams, catalog: LoraCatalog | None = None) -> str:
@@ -352,81 +393,3 @@ def package_base(params: GenerationParams, catalog: LoraCatalog | None = None) -
         raise ValueError("--base is needed when no --motion or --appearance names the model")
     role, choice = choices[0]
     return read_manifest(resolve_lora(choice.reference, _ROLES[role], catalog)).base.model_id
-
-
-# --- image animation ------------------------------------------------------------------------------
-
-# The reference's single-image recipe (method.md): spatial LoRA only, one LoRA for all images.
-# Single-frame steps need little activation memory, so no gradient checkpointing (its recompute
-# would also run outside the spatial path's temporal bypass).
-IMAGE_TRAINING = {"mode": "spatial_only", "spatial_lora": "shared", "optimizer": {"weight_decay": 1e-4},
-                  "checkpoint_every": 0, "validation": {"every": 0}, "gradient_checkpointing": False}
-IMAGE_HFLIP = 0.5
-ANIMATE_FOLDER = "animate"
-
-
-def image_appearance(images: list[str | Path], caption: str, backbone: BackboneSpec, *, steps: int = 300,
-                     size: tuple[int, int] = (384, 384), seed: int = 0, rank: int = 32,
-                     cache_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """A spatial LoRA trained on `images` (each repeated as a clip), cached under the cache root by the
-    images' content hashes and every training setting; returns its package folder."""
-    import shutil
-    import tempfile
-
-    from motiondirector.config import validate_config
-    from motiondirector.data.video import content_hash
-    from motiondirector.train.layout import RunLayout
-    from motiondirector.train.loop import train
-
-    if not images:
-        raise ValueError("animate needs at least one image")
-    sources = [str(Path(image).expanduser().resolve()) for image in images]
-    config = validate_config({
-        **IMAGE_TRAINING, "base": backbone.model_id, "device": str(backbone.device), "seed": seed, "steps": steps,
-        "lora": {"rank": rank}, "cache_dir": str(cache_dir) if cache_dir else None,
-        # One frame per clip: the spatial path trains on single frames, and images do not move.
-        "data": {"name": "animate", "sources": sources, "kind": "image", "caption": caption,
-                 "caption_source": "fixed", "frames": 1, "size": list(size), "hflip": IMAGE_HFLIP},
-    }, "animate settings")
-    recipe = config.model_dump(mode="json")
-    for machine_specific in ("device", "cache_dir"):
-        recipe.pop(machine_specific)
-    recipe["data"].pop("sources")  # the images enter the key by content, not by path
-    key = fingerprint("animate", sorted(content_hash(s) for s in sources), backbone.architecture_fingerprint,
-                      recipe)
-    root = cache_root(cache_dir) / ANIMATE_FOLDER
-    run = RunLayout(root / key)
-    if not (run.summary.is_file() and (run.spatial(0) / "manifest.json").is_file()):
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-        try:
-            train(config, staging, backbone=backbone, progress=progress)
-            staging.chmod(0o755)
-            if run.root.exists():  # another process finished the same LoRA first
-                shutil.rmtree(staging)
-            else:
-                staging.rename(run.root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return run.spatial(0)
-
-
-def animate(images: list[str | Path], params: GenerationParams, out_dir: str | Path | None = None, *,
-            caption: str | None = None, steps_train: int = 300, appearance_scale: float = 1.0,
-            backbone: BackboneSpec | None = None, device: str | torch.device | None = None,
-            catalog: LoraCatalog | None = None, cache_dir: str | Path | None = None,
-            progress: bool = True) -> list[GeneratedVideo]:
-    """Animate images: their appearance (a cached spatial LoRA) with `params.motions`, then `generate`."""
-    if not params.motions:
-        raise ValueError("animate needs a motion: --motion LORA")
-    if backbone is None:
-        from motiondirector.backbones import load_backbone
-
-        backbone = load_backbone(params.base, device)
-    package = image_appearance(images, caption or params.prompts[0], backbone,
-                               steps=steps_train, size=(params.height, params.width), cache_dir=cache_dir,
-                               progress=progress)
-    appearance = LoraChoice(reference=str(package), scale=appearance_scale)
-    params = params.model_copy(update={"appearances": [*params.appearances, appearance]})
-    return generate(params, out_dir, backbone=backbone, catalog=catalog, cache_dir=cache_dir, progress=progress)

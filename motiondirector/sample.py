@@ -2,6 +2,14 @@
 
 Validation samples during training, `motiondirector generate`, the toy-world benchmark and the
 Serve app all sample through `sample_latents`; LoRA routing and scales are set by the caller.
+
+Whatever the base's scheduler config says is honoured: `prediction_type` epsilon, v_prediction or
+sample; `rescale_betas_zero_snr` (zero terminal SNR) and `timestep_spacing` leading, trailing or
+linspace. The steps are diffusers' own `DDIMScheduler.step`, so sampling equals diffusers'
+`TextToVideoSDPipeline` with the same scheduler, embeddings and noise (tests/test_sample_vpred.py).
+Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+§3.4) is optional: at zero terminal SNR strong guidance over-exposes, and rescaling the guided
+output to the conditional output's standard deviation counters it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ class SamplingSettings:
     height: int = 384
     width: int = 384
     eta: float = 0.0
+    guidance_rescale: float = 0.0  # φ of Lin et al. 2024 §3.4; 0 = plain classifier-free guidance
 
 
 def latent_shape(backbone: BackboneSpec, settings: SamplingSettings, batch: int) -> tuple[int, ...]:
@@ -37,7 +46,23 @@ def _scheduler(backbone: BackboneSpec, steps: int) -> DDIMScheduler:
     # A private copy: sampling must not change the state of the backbone's scheduler.
     scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
     scheduler.set_timesteps(steps)
+    first = int(scheduler.timesteps[0])
+    if scheduler.config.prediction_type == "epsilon" and float(scheduler.alphas_cumprod[first]) == 0.0:
+        # x0 = (x - sqrt(1 - ᾱ)·ε) / sqrt(ᾱ) has no value at ᾱ = 0: an ε model cannot start there.
+        raise ValueError(f"the base's scheduler has zero terminal SNR (rescale_betas_zero_snr) and "
+                         f"{scheduler.config.timestep_spacing!r} spacing starts at t = {first}, where an epsilon "
+                         "model's clean estimate is undefined; such a base needs prediction_type v_prediction")
     return scheduler
+
+
+def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, factor: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2024, eq. 15–16): blend the guided output with itself rescaled to
+    the conditional output's standard deviation (per video, over all other axes) by `factor`."""
+    if factor == 0.0:
+        return guided
+    axes = tuple(range(1, guided.ndim))
+    rescaled = guided * (conditional.std(dim=axes, keepdim=True) / guided.std(dim=axes, keepdim=True))
+    return factor * rescaled + (1.0 - factor) * guided
 
 
 @torch.no_grad()
@@ -70,7 +95,8 @@ def sample_latents(
         prediction = prediction.float()
         if guided:
             uncond, cond = prediction.chunk(2)
-            prediction = uncond + settings.guidance * (cond - uncond)
+            prediction = rescale_guidance(uncond + settings.guidance * (cond - uncond), cond,
+                                          settings.guidance_rescale)
         latents = scheduler.step(prediction, t, latents, eta=settings.eta, generator=generator).prev_sample
         if on_step is not None:
             on_step(index + 1, len(scheduler.timesteps))
@@ -87,25 +113,51 @@ def sample_videos(backbone: BackboneSpec, prompts: list[str], settings: Sampling
     return backbone.decode_latents(latents.to(backbone.vae.dtype))
 
 
+def step_coefficients(scheduler: DDIMScheduler, timestep: int) -> tuple[float, float]:
+    """(a, b) with `scheduler.step(m, t, x, eta=0).prev_sample == a·x + b·m` for the set timesteps.
+
+    A deterministic DDIM step is linear in the sample x and the model output m for every prediction
+    type (for v-prediction it is a rotation: a² + b² = 1). The coefficients are read off the
+    scheduler's own step, so the inversion undoes exactly the step the sampler takes, with its rule
+    for the previous timestep under any spacing.
+    """
+    if scheduler.config.clip_sample or scheduler.config.thresholding:
+        raise ValueError("DDIM inversion needs a linear step: the base's scheduler clips or thresholds x0 "
+                         "(clip_sample / thresholding)")
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    a = float(scheduler.step(zero, timestep, one, eta=0.0).prev_sample)
+    b = float(scheduler.step(one, timestep, zero, eta=0.0).prev_sample)
+    return a, b
+
+
 @torch.no_grad()
 def ddim_invert(backbone: BackboneSpec, latents: torch.Tensor, steps: int = 50, prompt: str = "",
-                on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Run DDIM backwards from clean scaled latents to noise (the noise prior's z_inv), unguided."""
+                on_step: Callable[[int, int], None] | None = None, *, refine: int = 0) -> torch.Tensor:
+    """Run DDIM backwards from clean scaled latents to noise (the noise prior's z_inv), unguided.
+
+    Each sampler step maps x_t to x_prev = a·x_t + b·m(x_t, t) (`step_coefficients`); its inverse is
+    x_t = (x_prev − b·m(x_t, t)) / a. Classic DDIM inversion (`refine=0`) evaluates the model at the
+    known x_prev instead of the unknown x_t; `refine` fixed-point iterations re-evaluate it at the
+    current estimate of x_t, which makes the map an exact inverse of the sampler (one model call
+    each). Written in (a, b) the step needs no clean estimate from ε, so it is defined for
+    v-prediction at zero terminal SNR, where ᾱ_T = 0 (there a = sqrt(1 − ᾱ_prev), b = −sqrt(ᾱ_prev)).
+    """
     scheduler = _scheduler(backbone, steps)
     text = backbone.encode_text([prompt] * latents.shape[0])
     dtype = backbone.unet.dtype
-    alphas = scheduler.alphas_cumprod.to(latents.device)
-    timesteps = list(reversed(scheduler.timesteps.tolist()))
-    step_gap = scheduler.config.num_train_timesteps // steps
     current = latents.float()
+    timesteps = [int(t) for t in reversed(scheduler.timesteps)]
     for index, t in enumerate(timesteps):
-        previous_t = t - step_gap
-        alpha_prev = alphas[previous_t] if previous_t >= 0 else scheduler.final_alpha_cumprod.to(latents.device)
-        alpha_t = alphas[t]
-        eps = backbone.predict(current.to(dtype), torch.full((current.shape[0],), t, device=current.device),
-                               text.to(dtype)).float()
-        clean = (current - (1 - alpha_prev).sqrt() * eps) / alpha_prev.sqrt()
-        current = alpha_t.sqrt() * clean + (1 - alpha_t).sqrt() * eps
+        a, b = step_coefficients(scheduler, t)
+        if abs(a) < 1e-6:
+            raise ValueError(f"DDIM step at t = {t} of {steps} steps cannot be inverted (it discards the sample); "
+                             "use more inversion steps")
+        time = torch.full((current.shape[0],), t, device=current.device)
+        estimate = current
+        for _ in range(refine + 1):
+            prediction = backbone.predict(estimate.to(dtype), time, text.to(dtype)).float()
+            estimate = (current - b * prediction) / a
+        current = estimate
         if on_step is not None:
-            on_step(index + 1, steps)
+            on_step(index + 1, len(timesteps))
     return current

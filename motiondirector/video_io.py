@@ -2,7 +2,7 @@
 
 Frames are (F, H, W, 3), either float in [0, 1] (what `BackboneSpec.decode_latents` returns per
 video) or uint8, as a torch tensor or a numpy array. Every writer goes through a temp name in the
-target folder and a rename (`atomic_write_bytes`), so a crash never leaves a file that looks complete.
+target folder and a rename (`atomic_write`), so a crash never leaves a file that looks complete.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from motiondirector.lora.package import atomic_write_bytes
+from motiondirector.storage import atomic_write
 
 
 def to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -42,7 +42,7 @@ def _write_encoded(path: str | Path, encode: Callable[[BinaryIO], None]) -> Path
     encode(buffer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return path
 
 

@@ -32,9 +32,9 @@ from motiondirector.lora.package import (
     Manifest,
     PackageError,
     read_package,
-    sha256_file,
     write_package,
 )
+from motiondirector.storage import sha256_file
 from motiondirector.train.layout import TRAINING_STATE, RunLayout
 
 TARGETS = ["down.0.attn.to_q", "down.0.attn.to_v"]
@@ -411,6 +411,34 @@ def test_cli_add_ls_search_show_rm_reindex_gc(cli, tmp_path):
     gc = json.loads(cli("gc", "--catalog", root, "--grace", "0", "--json").stdout)
     assert gc["removed_entries"] == [] and gc["dry_run"] is False
     assert cli("verify", "--catalog", root).exit_code == 0
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_cli_ls_is_readable_at_the_terminal_width(cli, tmp_path, monkeypatch, width):
+    from rich.console import Console
+
+    monkeypatch.setattr("motiondirector.commands.catalog.console", Console(stderr=True, width=width))
+    catalog = Catalog(tmp_path / "catalog")
+    long_base = BaseModelRef(model_id="/home/someone/models/zeroscope_v2_576w-finetuned-on-cars", architecture="a")
+    car = catalog.add(make_package(tmp_path / "p1", 1, base=long_base, concept="car turning left",
+                                   metrics={"clip": 0.3125}), name="car-turn", tags=["car", "turn"])
+    toy = catalog.add(make_package(tmp_path / "p2", 2, kind="spatial", base=BaseModelRef(model_id="toy",
+                                                                                         architecture="a")))
+    result = cli("ls", "--catalog", catalog.uri)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= width
+    header = next(line for line in lines if line.startswith("id "))
+    assert header.split()[:5] == ["id", "name", "kind", "concept", "base"]  # never squeezed to 2 characters
+    car_row = next(line for line in lines if line.startswith(car.id))
+    assert car_row.split()[1:3] == ["car-turn", "temporal"] and "zeroscope_v2" in car_row
+    assert "/home/someone" not in result.output  # a local base shows as its folder name
+    assert next(line for line in lines if line.startswith(toy.id)).split()[1:4] == ["p2", "spatial", "toy"]
+    if width == 80:
+        assert "not shown at this width: created, rank, step, tags, metrics" in result.output
+    else:
+        assert header.split()[5:] == ["created", "rank", "step", "tags", "metrics"]
+        assert "car, turn" in car_row and "clip=0.312" in car_row
 
 
 def test_cli_errors_name_the_problem_and_exit_2(cli, tmp_path):

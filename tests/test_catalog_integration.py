@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from motiondirector.catalog import Catalog
 from motiondirector.lora.package import read_package
-from motiondirector.lora.resolve import resolve_lora
+from motiondirector.train.resolve import resolve_lora
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_car_turn.yaml"
 

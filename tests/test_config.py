@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from motiondirector.backbones.defaults import family_defaults
 from motiondirector.config import ConfigError, TrainConfig, apply_overrides, load_config, validate_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,9 +40,21 @@ def test_reference_configs_load_with_the_papers_settings(reference_dir):
 
 def test_defaults_follow_method_md(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
-    assert config.mode == "dual_path" and config.mixed_precision == "auto" and config.gradient_checkpointing
+    assert config.mixed_precision == "auto" and config.gradient_checkpointing
+    # unset, the mode follows the data (method.md: temporal training is off for images)
+    assert config.mode is None and config.mode_for(images=False) == "dual_path"
+    assert config.mode_for(images=True) == "spatial_only"
+    assert config.with_data_kind(images=True).mode == "spatial_only"
+    explicit = load_config(write(tmp_path, MINIMAL), ["mode=coupled"])
+    assert explicit.mode_for(images=True) == "coupled" and explicit.with_data_kind(images=True).mode == "coupled"
     assert config.ad_beta == 1.0 and config.engine.kind == "torch" and config.engine.zero_stage == 2
-    assert config.validation.sampling.steps == 30 and config.validation.sampling.guidance == 12.0
+    # Sampling, frames and size are the base model's until set (backbones/defaults.py); a model folder
+    # without its own defaults gets the family's, which are the reference's 30 steps at guidance 12.
+    assert (config.validation.steps, config.validation.guidance, config.data.frames, config.data.size) == (
+        None, None, None, None)
+    resolved = config.with_model_defaults(family_defaults({"sample_size": 48}, {"block_out_channels": [1] * 4}))
+    assert (resolved.validation.sampling.steps, resolved.validation.sampling.guidance) == (30, 12.0)
+    assert (resolved.data.frames, resolved.data.size, resolved.data.fps) == (16, (384, 384), 8.0)
     # relative sources are relative to the config file
     assert config.data.sources == [str(tmp_path / "clip.mp4")]
 

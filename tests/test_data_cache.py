@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from motiondirector.cli import app
 from motiondirector.data import DataError, DatasetSpec, cache_root, list_cache, load_records
+from motiondirector.events import Progress, Recorder
 
 
 @pytest.fixture()
@@ -55,14 +56,14 @@ def _files(root: Path) -> list[str]:
 def test_second_load_encodes_nothing(counted, two_videos, tmp_path):
     backbone, calls = counted
     cache = tmp_path / "cache"
-    first = load_records(_spec(two_videos), backbone, cache_dir=cache, progress=False)
+    first = load_records(_spec(two_videos), backbone, cache_dir=cache)
     assert [(r.video_index, r.clip_index) for r in first] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert first[0].video_path.endswith("a.mp4") and calls == Counter(clips=6, prompts=1)
     files = _files(cache)
     assert len(files) == 6 and all(f.startswith("records/videos/") and f.endswith(".parquet") for f in files)
 
     calls.clear()
-    second = load_records(_spec(two_videos), backbone, cache_dir=cache, progress=False)
+    second = load_records(_spec(two_videos), backbone, cache_dir=cache)
     assert calls == Counter() and _files(cache) == files
     for a, b in zip(first, second, strict=True):
         assert (a.latent_fingerprint, a.text_fingerprint, a.frame_indices) == \
@@ -74,27 +75,27 @@ def test_second_load_encodes_nothing(counted, two_videos, tmp_path):
 def test_changes_re_encode_only_what_they_affect(counted, two_videos, tmp_path):
     backbone, calls = counted
     cache = tmp_path / "cache"
-    original = load_records(_spec(two_videos), backbone, cache_dir=cache, progress=False)
+    original = load_records(_spec(two_videos), backbone, cache_dir=cache)
 
     calls.clear()
-    recaptioned = load_records(_spec(two_videos, caption="a red car"), backbone, cache_dir=cache, progress=False)
+    recaptioned = load_records(_spec(two_videos, caption="a red car"), backbone, cache_dir=cache)
     assert calls == Counter(prompts=1)  # text only
     np.testing.assert_array_equal(recaptioned[0].latent_mean, original[0].latent_mean)
     assert recaptioned[0].text_fingerprint != original[0].text_fingerprint
 
     calls.clear()
-    resized = load_records(_spec(two_videos, size=(32, 48)), backbone, cache_dir=cache, progress=False)
+    resized = load_records(_spec(two_videos, size=(32, 48)), backbone, cache_dir=cache)
     assert calls == Counter(clips=6)  # latents only
     assert resized[0].latent_mean.shape == (4, 4, 16, 24)
     np.testing.assert_array_equal(resized[0].text_embedding, original[0].text_embedding)
 
     calls.clear()
     (two_videos / "b.txt").write_text("a car turning")  # one video's caption: only that text
-    load_records(_spec(two_videos), backbone, cache_dir=cache, progress=False)
+    load_records(_spec(two_videos), backbone, cache_dir=cache)
     assert calls == Counter(prompts=1)
 
     calls.clear()
-    renamed = load_records(_spec(two_videos, name="other"), backbone, cache_dir=cache, progress=False)
+    renamed = load_records(_spec(two_videos, name="other"), backbone, cache_dir=cache)
     assert calls == Counter() and {r.dataset for r in renamed} == {"other"}  # reused across datasets
     assert len(list((cache / "records" / "other").glob("*.parquet"))) == 6
 
@@ -104,7 +105,7 @@ def test_bad_files_are_named_and_nothing_partial_is_left(counted, two_videos, tm
     cache = tmp_path / "cache"
     (two_videos / "c.mp4").write_text("not a video")
     with pytest.raises(DataError, match=r"c\.mp4: not a video"):
-        load_records(_spec(two_videos), backbone, cache_dir=cache, progress=False)
+        load_records(_spec(two_videos), backbone, cache_dir=cache)
     assert calls == Counter()  # headers are checked before anything is encoded
 
     # a truncated file whose header survives fails only when decoded: the earlier files' records are complete
@@ -112,20 +113,26 @@ def test_bad_files_are_named_and_nothing_partial_is_left(counted, two_videos, tm
     data = (two_videos / "c.mp4").read_bytes()
     (two_videos / "c.mp4").write_bytes(data[:len(data) // 3])
     with pytest.raises(DataError, match=r"c\.mp4: truncated or corrupt video"):
-        load_records(_spec(two_videos), backbone, cache_dir=cache, progress=False)
+        load_records(_spec(two_videos), backbone, cache_dir=cache)
     files = _files(cache)
     assert len(files) == 6 and all(f.endswith(".parquet") for f in files)  # no temp names left behind
     (two_videos / "c.mp4").unlink()
     calls.clear()
-    assert len(load_records(_spec(two_videos), backbone, cache_dir=cache, progress=False)) == 6
+    assert len(load_records(_spec(two_videos), backbone, cache_dir=cache)) == 6
     assert calls == Counter()
 
 
-def test_images_with_progress(counted, reference_dir, tmp_path, capsys):
+def test_images_with_progress(counted, reference_dir, tmp_path):
     backbone, calls = counted
-    spec = DatasetSpec(sources=[str(reference_dir / "Terracotta_Warrior" / "00[12].jpg")], caption="a warrior",
-                       frames=2, size=(32, 32), hflip=0.5)
-    records = load_records(spec, backbone, cache_dir=tmp_path, progress=True)
+    spec = DatasetSpec(name="warrior", sources=[str(reference_dir / "Terracotta_Warrior" / "00[12].jpg")],
+                       caption="a warrior", frames=2, size=(32, 32), hflip=0.5)
+    recorder = Recorder()
+    records = load_records(spec, backbone, cache_dir=tmp_path, observers=[recorder])
+    # Progress events, not a bar: the two files read, then the four clips (each image and its flip) encoded.
+    assert [(e.phase, e.done, e.total, e.label) for e in recorder.of(Progress)] == [
+        ("cache", 0, 2, "warrior: reading sources"), ("cache", 1, 2, "warrior: reading sources"),
+        ("cache", 2, 2, "warrior: reading sources"),
+        *[("cache", done, 4, "warrior: encoding clips") for done in range(5)]]
     assert [(r.video_index, r.clip_index, r.extra["hflip"], r.is_image) for r in records] == [
         (0, 0, False, True), (0, 1, True, True), (1, 0, False, True), (1, 1, True, True)]
     assert calls == Counter(clips=4, prompts=1) and records[0].source_fps == 0.0
@@ -143,8 +150,8 @@ def test_cache_root(monkeypatch, tmp_path):
 def test_cache_cli(counted, two_videos, tmp_path, monkeypatch):
     backbone, _ = counted
     cache = tmp_path / "cache"
-    load_records(_spec(two_videos), backbone, cache_dir=cache, progress=False)
-    load_records(_spec(two_videos, name="second", mode="start"), backbone, cache_dir=cache, progress=False)
+    load_records(_spec(two_videos), backbone, cache_dir=cache)
+    load_records(_spec(two_videos, name="second", mode="start"), backbone, cache_dir=cache)
     runner = CliRunner()
 
     result = runner.invoke(app, ["cache", "ls", "--cache-dir", str(cache), "--json"])

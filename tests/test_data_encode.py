@@ -27,7 +27,8 @@ from motiondirector.data.records import CacheRecord
 
 
 def _spec(source, **overrides) -> DatasetSpec:
-    return DatasetSpec(**{"sources": [str(source)], "caption": "a car", "frames": 4, "size": (32, 32), **overrides})
+    return DatasetSpec(**{"sources": [str(source)], "caption": "a car", "frames": 4, "fps": 8.0, "size": (32, 32),
+                          **overrides})
 
 
 def test_decode_car_turn_sliding(car_turn):

@@ -9,6 +9,7 @@ import fsspec
 import pytest
 from pydantic import ValidationError
 
+from motiondirector.backbones.defaults import ModelDefaults
 from motiondirector.data import DataError, DatasetSpec, list_items
 
 
@@ -27,7 +28,14 @@ def video_folder(tmp_path, car_turn):
 def test_spec_defaults_and_unknown_keys():
     spec = DatasetSpec(sources="data/bicycle/", caption="A person is riding a bicycle.")
     assert (spec.name, spec.sources, spec.frames, spec.fps, spec.size, spec.mode, spec.crop) == (
-        "bicycle", ["data/bicycle/"], 16, 8.0, (384, 384), "start", "center")
+        "bicycle", ["data/bicycle/"], None, None, None, "start", "center")
+    # Geometry left unset is the encoding model's; values that are set stay.
+    toy = ModelDefaults(frames=8, height=32, width=48, fps=4.0, steps=20, guidance=6.0)
+    resolved = spec.with_model_defaults(toy)
+    assert (resolved.frames, resolved.fps, resolved.size, resolved.clip_policy.frames) == (8, 4.0, (32, 48), 8)
+    assert DatasetSpec(sources="x", frames=3).with_model_defaults(toy).frames == 3
+    with pytest.raises(ValueError, match="apply the base model's defaults"):
+        _ = spec.clip_policy
     assert DatasetSpec(sources=["imgs/*.jpg"]).name == "imgs"
     assert DatasetSpec(sources=["s3://bucket/car-turn.mp4"], buckets=[(320, 576)]).crop == "bucket"
     with pytest.raises(ValidationError, match="captoin"):

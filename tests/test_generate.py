@@ -9,12 +9,19 @@ import torch
 from test_package import random_lora_state, write_random_package, write_run
 from typer.testing import CliRunner
 
-from motiondirector import generate as generation
+from motiondirector import noise_prior
 from motiondirector.cli import app
 from motiondirector.commands.common import ExitCode
-from motiondirector.generate import GenerationParams, LoraChoice, composed, generate, initial_noise
+from motiondirector.generate import (
+    GenerationParams,
+    LoraChoice,
+    composed,
+    generate,
+    save_video,
+)
 from motiondirector.lora.inject import adapter_names, lora_layers
 from motiondirector.lora.package import read_manifest, write_package
+from motiondirector.noise_prior import initial_noise
 
 FAST = ["--steps", "2", "--frames", "4", "--size", "32x32", "--device", "cpu"]
 
@@ -100,16 +107,17 @@ def test_mix_appearance_of_one_run_with_motion_of_another(tiny_backbone, tmp_pat
     run_a = write_run(tiny_backbone, tmp_path / "A", spatial=1, temporal=False, seed=10)
     run_b = write_run(tiny_backbone, tmp_path / "B", spatial=2, seed=20)
     motion_only = generate(fast_params("unused", motions=[LoraChoice(reference=str(run_b))]),
-                           backbone=tiny_backbone, progress=False)[0].frames
+                           backbone=tiny_backbone)[0].frames
     muted = generate(fast_params("unused", motions=[LoraChoice(reference=str(run_b))],
                                  appearances=[LoraChoice(reference=str(run_a), scale=0.0)]),
-                     backbone=tiny_backbone, progress=False)[0].frames
+                     backbone=tiny_backbone)[0].frames
     mixed = generate(fast_params("unused", motions=[LoraChoice(reference=str(run_b))],
                                  appearances=[LoraChoice(reference=str(run_a))]),
-                     tmp_path / "out", backbone=tiny_backbone, progress=False)[0]
+                     backbone=tiny_backbone)[0]
     assert torch.equal(muted, motion_only)  # γ = 0 is exactly the base weights
     assert (mixed.frames - motion_only).abs().max() > 1e-3
-    sidecar = json.loads(mixed.files["json"].read_text())
+    sidecar = json.loads(save_video(mixed, tmp_path / "out")["json"].read_text())
+    assert sidecar == {**mixed.sidecar, "files": {k: p.name for k, p in mixed.files.items()}}
     assert [(lora["role"], lora["package"]) for lora in sidecar["loras"]] == [
         ("motion", str((run_b / "temporal").resolve())), ("appearance", str((run_a / "spatial" / "0").resolve()))]
 
@@ -139,37 +147,37 @@ def test_wrong_kind_or_base_is_refused_with_a_clear_error(tiny_model_dir, tiny_b
 def test_noise_prior_is_cached_and_mixed_into_the_initial_noise(tiny_backbone, car_turn, tmp_path, monkeypatch):
     params = fast_params("unused", noise_prior=0.25, reference_video=str(car_turn))
     inversions = []
-    real_invert = generation.ddim_invert
+    real_invert = noise_prior.ddim_invert
 
     def counting_invert(backbone, latents, steps, **kwargs):
         inversions.append(steps)
         return real_invert(backbone, latents, steps=steps, **kwargs)
 
-    assert generation.NOISE_PRIOR_INVERSION_STEPS == 50  # the method's; fewer here to keep the test fast
-    monkeypatch.setattr(generation, "NOISE_PRIOR_INVERSION_STEPS", 4)
-    monkeypatch.setattr(generation, "ddim_invert", counting_invert)
-    first = generation.noise_prior_latents(tiny_backbone, car_turn, params, cache_dir=tmp_path / "cache")
-    again = generation.noise_prior_latents(tiny_backbone, car_turn, params, cache_dir=tmp_path / "cache")
+    assert noise_prior.NOISE_PRIOR_INVERSION_STEPS == 50  # the method's; fewer here to keep the test fast
+    monkeypatch.setattr(noise_prior, "NOISE_PRIOR_INVERSION_STEPS", 4)
+    monkeypatch.setattr(noise_prior, "ddim_invert", counting_invert)
+    geometry = {"frames": 4, "size": (32, 32), "fps": 8.0}
+    first = noise_prior.noise_prior_latents(tiny_backbone, car_turn, **geometry, cache_dir=tmp_path / "cache")
+    again = noise_prior.noise_prior_latents(tiny_backbone, car_turn, **geometry, cache_dir=tmp_path / "cache")
     assert inversions == [4]  # the second call read the cache
     assert torch.equal(first, again) and first.shape == (1, 4, 4, 16, 16)
     assert len(list((tmp_path / "cache" / "noise_prior").glob("*.safetensors"))) == 1
 
-    settings = params.sampling
+    settings = params.with_defaults(tiny_backbone.defaults).sampling
     noise = initial_noise(tiny_backbone, settings, seed=3)
     assert torch.equal(initial_noise(tiny_backbone, settings, seed=3, prior=first, prior_strength=1.0), first)
     torch.testing.assert_close(initial_noise(tiny_backbone, settings, seed=3, prior=first, prior_strength=0.25),
                                0.5 * first + math.sqrt(0.75) * noise)
 
     # A different clip length is a different prior (and cache entry).
-    longer = fast_params("unused", noise_prior=0.25, reference_video=str(car_turn), frames=8)
-    assert generation.noise_prior_latents(tiny_backbone, car_turn, longer, cache_dir=tmp_path / "cache").shape[2] == 8
+    longer = {**geometry, "frames": 8}
+    assert noise_prior.noise_prior_latents(tiny_backbone, car_turn, **longer, cache_dir=tmp_path / "cache").shape[2] == 8
     assert inversions == [4, 4]
 
     # generate() uses the cached prior, and the sidecar records the clip for replay.
-    video = generate(params, tmp_path / "out", backbone=tiny_backbone, cache_dir=tmp_path / "cache",
-                     progress=False)[0]
+    video = generate(params, backbone=tiny_backbone, cache_dir=tmp_path / "cache")[0]
     assert inversions == [4, 4]
-    sidecar = json.loads(video.files["json"].read_text())["params"]
+    sidecar = video.sidecar["params"]
     assert (sidecar["noise_prior"], sidecar["reference_video"]) == (0.25, str(car_turn.resolve()))
 
 
@@ -182,7 +190,7 @@ def test_generate_from_a_run_trained_by_the_training_loop(tiny_backbone, tmp_pat
                               "data": {"sources": "synthetic.mp4"}, "gradient_checkpointing": False,
                               "checkpoint_every": 1, "mixed_precision": "no"}, "test config")
     run = tmp_path / "run"
-    train(config, run, backbone=tiny_backbone, records=synthetic_records(tiny_backbone, videos=2), progress=False)
+    train(config, run, backbone=tiny_backbone, records=synthetic_records(tiny_backbone, videos=2))
     runner = CliRunner()
     # No --base: the packages name the model they were trained on.
     common = ["generate", "--prompt", "a car", "--seed", "1", "--json", *FAST]

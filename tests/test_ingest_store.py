@@ -10,21 +10,11 @@ import pytest
 import yaml
 
 from motiondirector.data.encode import decode_item, encode_clips
-from motiondirector.data.ingested import (
-    COMMITS,
-    DatasetReference,
-    DatasetState,
-    IngestStore,
-    build_records,
-    decode_works,
-    load_ingest_spec,
-    new_run_id,
-    parse_dataset_reference,
-    plan_works,
-    prune,
-    read_ingested,
-    write_records,
-)
+from motiondirector.data.ingest_plan import RowIndex, build_records, decode_works, plan_works
+from motiondirector.data.ingest_read import prune, read_ingested
+from motiondirector.data.ingest_spec import load_ingest_spec
+from motiondirector.data.ingest_store import COMMITS, DatasetState, IngestStore, new_run_id, write_records
+from motiondirector.data.reference import DatasetReference, parse_dataset_reference
 from motiondirector.data.sources import DatasetSpec, list_items
 from motiondirector.video_io import write_video
 
@@ -41,7 +31,8 @@ def _videos(folder: Path, count: int, frames: int = 8) -> Path:
 
 def _ingest_in_process(store: IngestStore, spec: DatasetSpec, backbone) -> tuple[str | None, dict[str, int]]:
     """One run through the same library stages the Ray plan distributes; returns (commit, work counts)."""
-    index = store.state().index()
+    spec = spec.with_model_defaults(backbone.defaults)  # as run_ingest does (IngestSpec.with_model_defaults)
+    index = RowIndex.committed(store.state())
     works = [work for item in list_items(spec)
              for work in decode_works(plan_works(item, spec, index, backbone.vae_id, backbone.text_encoder_id))]
     records = build_records(backbone, works, store.fs, batch_size=2)
@@ -70,7 +61,7 @@ def test_reference_spec_resolves_against_its_folder(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("datasets: [{sources: a.mp4, frame: 4}]\nbase: toy\n", "datasets.0.frame: Extra inputs are not permitted"),
+    ("datasets: [{sources: a.mp4, frame: 4}]\nbase: toy\n", "datasets.0.frame: unknown key (did you mean datasets.0.frames?)"),
     ("datasets: [{sources: a.mp4}]\n", "no base model for a"),
     ("base: toy\ndatasets: [{sources: a.mp4}, {sources: b/a.mp4}]\n", "dataset names must be unique, repeated: a"),
     ("base: toy\ndatasets: [{name: 'a b', sources: a.mp4}]\n", "must be letters, digits"),
@@ -95,7 +86,7 @@ def test_dataset_reference():
 
 def test_commits_incremental_text_only_and_prune(tmp_path, tiny_backbone, monkeypatch):
     videos = _videos(tmp_path / "videos", 3)
-    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, size=(32, 32))
+    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, fps=8.0, size=(32, 32))
     store = IngestStore(str(tmp_path / "out"))
 
     first, counts = _ingest_in_process(store, spec, tiny_backbone)
@@ -147,7 +138,7 @@ def test_commits_incremental_text_only_and_prune(tmp_path, tiny_backbone, monkey
 
 def test_positions_follow_the_dataset_and_uncommitted_files_are_invisible(tmp_path, tiny_backbone):
     videos = _videos(tmp_path / "videos", 2)
-    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, size=(32, 32))
+    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, fps=8.0, size=(32, 32))
     store = IngestStore(str(tmp_path / "out"))
     _ingest_in_process(store, spec, tiny_backbone)
     # A copy of clip1 sorts first: it shares clip1's committed row (same bytes and caption), and the
@@ -170,7 +161,7 @@ def test_positions_follow_the_dataset_and_uncommitted_files_are_invisible(tmp_pa
 
 def test_memory_filesystem_commits(tiny_backbone, tmp_path):
     videos = _videos(tmp_path / "videos", 1)
-    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, size=(32, 32))
+    spec = DatasetSpec(name="gen", sources=[str(videos)], caption="a box moves", frames=4, fps=8.0, size=(32, 32))
     store = IngestStore(f"memory://ingest-{new_run_id()}")
     commit, _ = _ingest_in_process(store, spec, tiny_backbone)
     assert store.commit_names() == [commit]
@@ -200,12 +191,12 @@ def test_cli_rejects_bad_specs_before_starting_ray(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("base: toy\ndatasets: [{sources: a.mp4, fsp: 8}]\n")
     result = CliRunner().invoke(app, ["ingest", str(spec), "--output", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "datasets.0.fsp: Extra inputs are not permitted" in result.output
+    assert result.exit_code == 2 and "datasets.0.fsp: unknown key (did you mean datasets.0.fps?)" in result.output
     spec.write_text("base: toy\ndatasets: [{sources: a.mp4}]\n")
     result = CliRunner().invoke(app, ["ingest", str(spec)])
     assert result.exit_code == 2 and "no `output` in the spec; pass --output URI" in result.output
     # The library and the CLI import Ray only when an ingest actually runs.
-    code = ("import sys, motiondirector.cli, motiondirector.data.ingested, motiondirector.config; "
+    code = ("import sys, motiondirector.cli, motiondirector.data.ingest_spec, motiondirector.config; "
             "print('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 

@@ -132,3 +132,30 @@ def test_state_dict_round_trip_and_mismatch_errors(adapted, tiny_backbone):
         add_adapter(unet, "copy", adapted.temporal_lora_targets(), LoraSettings(rank=4))
     with pytest.raises(ValueError, match="not found"):
         add_adapter(unet, "x", ["no.such.module"], LoraSettings(rank=4))
+
+
+def test_lora_dropout_acts_on_the_branch_input_as_docs_training_md_says():
+    """peft drops entries of x before A (the reference drops entries of B A x): under p = 0.5 an
+    output-side dropout would zero about half of the update, an input-side one almost none of it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(16, 16))
+    add_adapter(model, "a", ["proj"], LoraSettings(rank=4, alpha=4, dropout=0.5), seed=0)
+    activate(model, ["a"])
+    torch.nn.init.normal_(model.proj.lora_B["a"].weight)
+    x = torch.randn(64, 16)
+    base = model.proj.base_layer(x)
+    model.eval()
+    exact = model(x) - base
+    model.train()
+    noisy = model(x) - base
+    assert (exact != 0).all()
+    assert (noisy == 0).float().mean() < 0.01  # output-side dropout: ~0.5
+    assert not torch.allclose(noisy, exact)
+    # Input-side: the update equals B A (mask * x) / (1 - p) for one input mask per token.
+    torch.manual_seed(1)
+    noisy = model(x) - base
+    torch.manual_seed(1)
+    kept = torch.nn.functional.dropout(x, 0.5, training=True)
+    a, b = model.proj.lora_A["a"].weight, model.proj.lora_B["a"].weight
+    torch.testing.assert_close(noisy, kept @ a.T @ b.T)

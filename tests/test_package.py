@@ -26,8 +26,8 @@ from motiondirector.lora.package import (
     read_package,
     write_package,
 )
-from motiondirector.lora.resolve import resolve_lora
 from motiondirector.train.layout import TRAINING_STATE, RunLayout
+from motiondirector.train.resolve import resolve_lora
 
 
 def random_lora_state(unet, targets, rank, seed, up_scale=0.3):

@@ -20,7 +20,8 @@ from motiondirector.toyworld.benchmark import (
     parse_appearance,
     run_benchmark,
 )
-from motiondirector.toyworld.render import Scene
+from motiondirector.toyworld.probes import distinctive_axis, motion_scores
+from motiondirector.toyworld.render import Scene, render
 
 FAST_SAMPLING = SamplingSettings(steps=2, guidance=3.0, frames=4, height=32, width=32)
 
@@ -65,13 +66,19 @@ def test_benchmark_runs_every_mode_and_setting(toy_like, tmp_path):
         metrics = row["metrics"]
         mean, ci = metrics["appearance"]
         assert 0.0 <= mean <= 1.0 and (np.isnan(ci) or ci >= 0)
-        assert {"fidelity", "leak_any", "leak_colour", "colour", "shape", "background"} <= set(metrics)
+        assert {"fidelity", "leak_any", "leak_colour", "colour", "shape", "background", "motion_fidelity",
+                "x_corr", "y_corr", "distinct_corr", "distinct_amp"} <= set(metrics)
+        assert np.isnan(metrics["scale_corr"][0])  # the zigzag keeps its size: no scale correlation
     base_rows = [r for r in rows if r["mode"] == "base"]
     assert base_rows[0]["metrics"] == base_rows[1]["metrics"]  # base is sampled once, shown per setting
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert len(saved["rows"]) == len(rows)
+    logged = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["setting"], r["mode"]) for r in logged] == [(r["setting"], r["mode"]) for r in rows]
+    assert len(logged[-1]["samples"]) == 4 and "distinct_corr" in logged[-1]["samples"][0]
     table = (tmp_path / "benchmark.md").read_text()
-    assert table.count("| dual_path |") == 2 and "motion fidelity" in table
+    assert table.count("| dual_path |") == 4 and "motion fidelity" in table  # the motion and the attribute table
+    assert "distinctive corr." in table and "y corr." in table and "colour leak" in table
     assert (tmp_path / "grid-1-video.png").is_file() and (tmp_path / "gifs" / "2v-dual_path.gif").is_file()
     assert (tmp_path / "runs" / "2v-dual_path" / "temporal").is_dir()
 
@@ -118,3 +125,45 @@ def test_benchmark_settings_are_recorded(toy_like, tmp_path):
                        modes=("base",))
     result = run_benchmark(toy_like, settings, tmp_path, on_stage=lambda _: None)
     assert result["settings"]["sampling"]["steps"] == 2 and [r["mode"] for r in result["rows"]] == ["base"]
+
+
+def test_distinctive_component_of_the_zigzag():
+    """The zigzag's vertical swing is its distinctive component; the left-to-right sweep alone does not pass."""
+    reference = render(Scene("red", "circle", "grey", "zigzag"), seed=0).trajectory
+    assert distinctive_axis(reference) == 1
+    assert distinctive_axis(render(Scene("red", "circle", "grey", "right"), seed=0).trajectory) is None
+    other = motion_scores(render(Scene("blue", "square", "black", "zigzag"), seed=5).trajectory, reference)
+    assert other["distinct_corr"] > 0.99 and 0.9 < other["distinct_amp"] < 1.1 and other["motion_fidelity"] > 0.99
+    assert other["scale_corr"] is None
+    # Only the sweep: x right, no vertical swing -> x 1.0, y 0, and a fidelity of 0.25 (the axes mean says 0.5).
+    sweep = motion_scores(render(Scene("blue", "square", "black", "right"), seed=5).trajectory, reference)
+    assert sweep["x_corr"] > 0.99 and sweep["y_corr"] == 0.0 and sweep["distinct_amp"] < 1e-6
+    assert sweep["motion_fidelity"] == pytest.approx(0.25, abs=0.01)
+    # A half-height zigzag on a slope: the same shape after detrending, half the amplitude.
+    half = reference.copy()
+    half[:, 1] = 0.5 + 0.5 * (reference[:, 1] - reference[:, 1].mean()) + 0.02 * np.arange(8)
+    scores = motion_scores(half, reference)
+    assert scores["distinct_corr"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["distinct_amp"] == pytest.approx(0.5, abs=0.01)
+    assert scores["y_corr"] < 0.99  # the slope hides part of the swing from the raw correlation
+
+
+def test_a_diverged_run_becomes_a_row(toy_like, tmp_path):
+    settings = BenchmarkSettings(videos=(1,), prompts=1, seeds=1, steps=30, rank=2, lr=15.0,
+                                 sampling=FAST_SAMPLING, modes=("coupled",))
+    from motiondirector.toyworld.benchmark import table_markdown
+
+    result = run_benchmark(toy_like, settings, tmp_path, on_stage=lambda _: None)
+    (row,) = result["rows"]
+    assert "training diverged" in row["diverged"] and row["metrics"] == {}
+    assert "| 1 video | coupled | training diverged |" in table_markdown(result)
+
+
+def test_benchmark_command_runs_the_modes_asked(toy_like_dir, tmp_path):
+    result = CliRunner().invoke(app, ["toyworld", "benchmark", "--base", str(toy_like_dir), "--videos", "1",
+                                      "--prompts", "1", "--seeds", "1", "--sampling-steps", "2", "--modes", "base",
+                                      "--high-share", "0.5", "--device", "cpu", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [r["mode"] for r in payload["rows"]] == ["base"] and payload["settings"]["high_share"] == 0.5
+    assert "distinctive corr." in (tmp_path / "benchmark.md").read_text()

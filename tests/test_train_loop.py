@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
+import math
 import os
 import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from motiondirector.config import TrainConfig, apply_overrides, validate_config
+from motiondirector.config import ConfigError, TrainConfig, apply_overrides, validate_config
+from motiondirector.events import Progress, Recorder, TrainStep
 from motiondirector.lora.inject import Router, adapter_parameters
 from motiondirector.lora.package import read_package
 from motiondirector.losses import spatial_loss, temporal_loss
+from motiondirector.noise_prior import noise_prior_latents
 from motiondirector.train.engine import flat_groups
 from motiondirector.train.layout import RunLayout
-from motiondirector.train.loop import TrainingInterrupted, train
+from motiondirector.train.loop import RunFolderError, TrainingInterrupted, train
 from motiondirector.train.plan import installed_adapters, plan_adapters
 from motiondirector.train.step import clip_tensors, draw_step, step_gradients
 from motiondirector.train.synthetic import synthetic_records
@@ -97,9 +102,9 @@ def test_each_path_gets_gradients_from_its_own_loss_only(tiny_backbone):
 def test_gradient_checkpointing_gives_the_same_loras(tiny_backbone, tmp_path):
     """Recomputation must see each path's routing and bypass (tolerance: 1e-6 absolute, in practice exact)."""
     records = synthetic_records(tiny_backbone, videos=2)
-    train(make_config(), tmp_path / "plain", backbone=tiny_backbone, records=records, progress=False)
+    train(make_config(), tmp_path / "plain", backbone=tiny_backbone, records=records)
     train(make_config("gradient_checkpointing=true"), tmp_path / "checkpointed", backbone=tiny_backbone,
-          records=records, progress=False)
+          records=records)
     plain, checkpointed = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
     assert plain.keys() == checkpointed.keys()
     for name in plain:
@@ -114,11 +119,12 @@ def test_a_lora_without_a_loss_this_step_does_not_move(tiny_backbone, tmp_path):
     names = ["spatial_0", "spatial_1", "temporal"]
     history = []
 
-    def snapshot(step, entry):
-        current = {n: [p.detach().clone() for p in adapter_parameters(tiny_backbone.unet, n)] for n in names}
-        history.append((entry, current))
+    def snapshot(event):
+        if isinstance(event, TrainStep):
+            current = {n: [p.detach().clone() for p in adapter_parameters(tiny_backbone.unet, n)] for n in names}
+            history.append((event.metrics, current))
 
-    train(config, tmp_path / "run", backbone=tiny_backbone, records=records, progress=False, on_step=snapshot)
+    train(config, tmp_path / "run", backbone=tiny_backbone, records=records, observers=[snapshot])
     seen_updated, cases = set(), {"skip": 0, "other_video": 0}
     for (_, before), (entry, after) in itertools.pairwise(history):
         for name in names:
@@ -137,7 +143,7 @@ def test_a_lora_without_a_loss_this_step_does_not_move(tiny_backbone, tmp_path):
 def test_same_seed_gives_bit_identical_loras_and_another_seed_does_not(tiny_backbone, tmp_path):
     records = synthetic_records(tiny_backbone, videos=2)
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train(make_config(f"seed={seed}"), tmp_path / name, backbone=tiny_backbone, records=records, progress=False)
+        train(make_config(f"seed={seed}"), tmp_path / name, backbone=tiny_backbone, records=records)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
     a, c = weights(tmp_path / "a"), weights(tmp_path / "c")
     assert not torch.equal(a["temporal"][next(iter(a["temporal"]))], c["temporal"][next(iter(c["temporal"]))])
@@ -146,21 +152,21 @@ def test_same_seed_gives_bit_identical_loras_and_another_seed_does_not(tiny_back
 def test_signal_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_backbone, tmp_path):
     config = make_config("steps=5", "checkpoint_every=4")
     records = synthetic_records(tiny_backbone, videos=2)
-    train(config, tmp_path / "straight", backbone=tiny_backbone, records=records, progress=False)
+    train(config, tmp_path / "straight", backbone=tiny_backbone, records=records)
 
-    def interrupt_at_step_2(step, entry):
-        if step == 2:
+    def interrupt_at_step_2(event):
+        if isinstance(event, TrainStep) and event.step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # handled by the loop: finish the step, checkpoint, stop
 
     out = tmp_path / "interrupted"
     handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
     with pytest.raises(TrainingInterrupted) as stopped:
-        train(config, out, backbone=tiny_backbone, records=records, progress=False, on_step=interrupt_at_step_2)
+        train(config, out, backbone=tiny_backbone, records=records, observers=[interrupt_at_step_2])
     assert stopped.value.step == 2 and stopped.value.checkpoint == out / "checkpoints" / "step-2"
     assert RunLayout(out).checkpoint_steps() == [2] and not (out / "summary.json").exists()
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
-    summary = train(config, out, resume=True, backbone=tiny_backbone, records=records, progress=False)
+    summary = train(config, out, resume=True, backbone=tiny_backbone, records=records)
     assert summary.resumed_from == 2 and summary.checkpoints == [2, 4, 5]
     assert_same_weights(weights(tmp_path / "straight"), weights(out))
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5]
@@ -175,8 +181,7 @@ def test_autocast_loras_are_close_to_fp32_loras(tiny_backbone, tmp_path):
     runs = {}
     for name, overrides in (("fp32", []), ("bf16", ["mixed_precision=bf16"]), ("fp16", ["mixed_precision=fp16"]),
                             ("other_seed", ["seed=9"])):
-        train(make_config("lora.dropout=0", *overrides), tmp_path / name, backbone=tiny_backbone, records=records,
-              progress=False)
+        train(make_config("lora.dropout=0", *overrides), tmp_path / name, backbone=tiny_backbone, records=records)
         runs[name] = weights(tmp_path / name)
 
     def flat(run, part):
@@ -216,7 +221,7 @@ def test_routing_plans(tiny_backbone):
 def test_modes(tiny_backbone, tmp_path, mode, packages, updated, logged):
     records = synthetic_records(tiny_backbone, videos=2)
     summary = train(make_config(f"mode={mode}", "steps=2", "spatial_skip_probability=1"), tmp_path / mode,
-                    backbone=tiny_backbone, records=records, progress=False)
+                    backbone=tiny_backbone, records=records)
     assert set(weights(tmp_path / mode)) == packages
     assert summary.mode == mode
     for entry in metrics(tmp_path / mode):
@@ -241,3 +246,69 @@ def test_record_draw_follows_sampling_weights():
     assert 0.65 < drawn.count(0) / len(drawn) < 0.85
     uniform = {draw_step(generator, shapes, 1000, 0.0).record for _ in range(100)}
     assert uniform == {0, 1, 2}
+
+
+def test_the_mode_defaults_to_the_data_kind_and_an_explicit_mode_wins(tiny_backbone, tmp_path):
+    """method.md: temporal training is off for images; unset, the mode follows the data."""
+    videos = synthetic_records(tiny_backbone, videos=2)
+    images = [dataclasses.replace(r, is_image=True) for r in videos]
+    assert make_config().mode is None
+
+    summary = train(make_config("steps=2"), tmp_path / "images", backbone=tiny_backbone, records=images)
+    assert summary.mode == "spatial_only" and summary.packages["temporal"] is None
+    assert set(weights(tmp_path / "images")) == {"spatial/0"}  # shared routing for images
+    assert yaml.safe_load((tmp_path / "images" / "config.yaml").read_text())["mode"] == "spatial_only"
+    assert read_package(tmp_path / "images" / "spatial" / "0")[0].mode == "spatial_only"
+
+    explicit = train(make_config("steps=2", "mode=dual_path"), tmp_path / "explicit", backbone=tiny_backbone,
+                     records=images)
+    assert explicit.mode == "dual_path" and set(weights(tmp_path / "explicit")) == {"temporal", "spatial/0"}
+
+    assert train(make_config("steps=1"), tmp_path / "videos", backbone=tiny_backbone, records=videos).mode == "dual_path"
+
+    # Resuming with the mode still unset finds the mode the folder trained in; changing it is refused.
+    resumed = train(make_config("steps=3"), tmp_path / "images", resume=True, backbone=tiny_backbone, records=images)
+    assert (resumed.mode, resumed.resumed_from) == ("spatial_only", 2)
+    with pytest.raises(RunFolderError, match="changed: mode"):
+        train(make_config("steps=4", "mode=dual_path"), tmp_path / "images", resume=True, backbone=tiny_backbone,
+              records=images)
+    with pytest.raises(RunFolderError, match="changed: mode"):
+        train(make_config("steps=4"), tmp_path / "images", resume=True, backbone=tiny_backbone, records=videos)
+
+
+def test_validation_mixes_the_noise_prior_of_the_first_training_video(tiny_backbone, car_turn, tmp_path, monkeypatch):
+    """validation.noise_prior p: prompt i starts from sqrt(p)·z_inv + sqrt(1−p)·ε(seed + i), z_inv the
+    (cached) DDIM inversion of the first training video, as generate's --noise-prior."""
+    from motiondirector import noise_prior
+    from motiondirector.train import loop
+
+    monkeypatch.setattr(noise_prior, "NOISE_PRIOR_INVERSION_STEPS", 4)  # the method's 50, fewer for speed
+    started = []
+    monkeypatch.setattr(loop, "sample_videos", lambda backbone, prompts, settings, initial_noise: (
+        started.append(initial_noise.clone()), torch.zeros(1, settings.frames, 32, 32, 3))[1])
+    records = [dataclasses.replace(r, video_path=str(car_turn)) for r in synthetic_records(tiny_backbone, videos=2)]
+    validation = ("steps=1", "validation.every=1", "validation.steps=2", "validation.frames=4",
+                  "validation.size=[32, 32]", "validation.fps=8", "validation.seed=5", f"cache_dir={tmp_path / 'cache'}")
+    recorder = Recorder()
+    train(make_config(*validation, "validation.noise_prior=0.5"), tmp_path / "prior", backbone=tiny_backbone,
+          records=records, observers=[recorder])
+    inversion = [(e.phase, e.done, e.total, e.label) for e in recorder.of(Progress)]
+    assert inversion == [("noise_prior", done, 4, str(car_turn)) for done in range(1, 5)]
+    train(make_config(*validation), tmp_path / "plain", backbone=tiny_backbone, records=records)
+    with_prior, plain = started
+    z_inv = noise_prior_latents(  # read back from the cache the run filled
+        tiny_backbone, car_turn, frames=4, size=(32, 32), fps=8.0, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "noise_prior").glob("*.safetensors"))) == 1
+    torch.testing.assert_close(with_prior, math.sqrt(0.5) * z_inv + math.sqrt(0.5) * plain)
+    assert not torch.allclose(with_prior, plain)
+
+    # An explicit reference wins; a reference without a prior, or images without one, are refused.
+    with pytest.raises(ConfigError, match="validation.noise_prior > 0"):
+        make_config(f"validation.reference={car_turn}")
+    images = [dataclasses.replace(r, is_image=True) for r in records]
+    with pytest.raises(ValueError, match="set validation.reference"):
+        train(make_config(*validation, "validation.noise_prior=0.5"), tmp_path / "images", backbone=tiny_backbone,
+              records=images)
+    train(make_config(*validation, "validation.noise_prior=0.5", f"validation.reference={car_turn}"),
+          tmp_path / "images-ref", backbone=tiny_backbone, records=images)
+    torch.testing.assert_close(started[-1], with_prior)  # the same clip, geometry and seed: the same prior

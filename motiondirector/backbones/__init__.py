@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import psutil
@@ -19,17 +18,22 @@ from motiondirector.backbones.base import (
     ModelNotAvailableError,
     ModelTooLargeError,
 )
+from motiondirector.backbones.defaults import ModelDefaults, model_defaults
 from motiondirector.backbones.unet3d import UNet3DSpec
+from motiondirector.storage import local_path
 
 __all__ = [
     "BackboneSpec",
     "LatentDistribution",
+    "ModelDefaults",
     "ModelNotAvailableError",
     "ModelTooLargeError",
     "load_backbone",
+    "model_id",
     "resolve_device",
     "resolve_model_folder",
     "embedded_models",
+    "defaults_for",
 ]
 
 # Denoiser class name (unet/config.json `_class_name`) -> specification.
@@ -63,7 +67,7 @@ def resolve_model_folder(base: str) -> Path:
                 f"embedded model {base!r} is missing its weights at {folder}; "
                 "rebuild it with `motiondirector toyworld pretrain` or reinstall the package")
         return folder
-    path = Path(base).expanduser()
+    path = local_path(base)
     if path.exists():
         if not (path / "unet" / "config.json").exists():
             raise ModelNotAvailableError(
@@ -140,5 +144,21 @@ def load_backbone(base: str, device: str | torch.device | None = None,
             f"{folder / 'unet' / 'config.json'}: denoiser class {class_name!r} is not supported; "
             f"supported: {', '.join(FAMILIES)}")
     check_fits(folder, device, dtype)
-    model_id = base if base in embedded_models() or not os.path.isdir(base) else str(Path(base).resolve())
-    return FAMILIES[class_name].from_folder(folder, model_id=model_id, device=device, dtype=dtype)
+    resolved_id = model_id(base)
+    backbone = FAMILIES[class_name].from_folder(folder, model_id=resolved_id, device=device, dtype=dtype)
+    backbone.defaults = model_defaults(resolved_id, folder)
+    return backbone
+
+
+def defaults_for(base: str) -> ModelDefaults:
+    """The model-aware defaults of `base` without loading its weights (reads config files only)."""
+    return model_defaults(model_id(base), resolve_model_folder(base))
+
+
+def model_id(base: str) -> str:
+    """The identity of `--base` in manifests and fingerprints: an embedded name or hub id as given; a
+    local folder as its absolute, symlink-free path, however it was spelled (`~/m`, `./m`, `/home/me/m`)."""
+    if base in embedded_models():
+        return base
+    path = local_path(base)
+    return str(path.resolve()) if path.is_dir() else base

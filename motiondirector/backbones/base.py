@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from motiondirector.backbones.defaults import ModelDefaults
+
 
 class ModelNotAvailableError(RuntimeError):
     """The base model cannot be found locally and cannot be downloaded."""
@@ -59,6 +61,7 @@ class BackboneSpec(ABC):
     tokenizer: Any
     scheduler: Any
     model_id: str
+    defaults: ModelDefaults  # native frames, size, fps and sampling settings (backbones/defaults.py)
 
     # --- identity -------------------------------------------------------------------------
     @property

@@ -37,6 +37,11 @@ class TinyModelConfig:
     latent_channels: int = 4
     sample_size: int = 32
     words: tuple[str, ...] = field(default=BASIC_WORDS)
+    # The noise schedule: ModelScope's by default; ("v_prediction", True, "trailing") is a zero-terminal-SNR
+    # base (Lin et al. 2024), the kind the library must sample, train and invert alike.
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+    timestep_spacing: str = "leading"
 
 
 def build_tokenizer(words: tuple[str, ...], max_tokens: int) -> CLIPTokenizer:
@@ -116,9 +121,12 @@ def build_components(config: TinyModelConfig, seed: int = 0) -> dict[str, object
         eos_token_id=1,
         pad_token_id=1,
     ))
-    # ModelScope's scheduler settings (scaled-linear betas, epsilon prediction).
+    # ModelScope's scheduler settings (scaled-linear betas, epsilon prediction) unless the config says otherwise.
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=config.prediction_type,
+                              rescale_betas_zero_snr=config.zero_terminal_snr,
+                              timestep_spacing=config.timestep_spacing)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "scheduler": scheduler}
 

@@ -10,8 +10,9 @@ from motiondirector.catalog.catalog import Catalog, Page, ReindexReport, catalog
 from motiondirector.catalog.entry import CorruptEntryError, UnknownEntryError
 from motiondirector.catalog.ids import InvalidIdError, is_catalog_id, new_id, validate_id
 from motiondirector.catalog.maintenance import GcReport, Problem, VerifyReport
+from motiondirector.catalog.ondemand import CatalogOnDemand
 from motiondirector.catalog.runs import is_run_folder, register_run
 
-__all__ = ["Catalog", "CorruptEntryError", "GcReport", "InvalidIdError", "Page", "Problem", "ReindexReport",
+__all__ = ["Catalog", "CatalogOnDemand", "CorruptEntryError", "GcReport", "InvalidIdError", "Page", "Problem", "ReindexReport",
            "UnknownEntryError", "VerifyReport", "catalog_root", "is_catalog_id", "is_run_folder", "new_id",
            "register_run", "validate_id"]

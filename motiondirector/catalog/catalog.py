@@ -8,8 +8,6 @@ removes. Readers trust committed manifests only; the Parquet index just makes th
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,20 +21,11 @@ from motiondirector.catalog import index
 from motiondirector.catalog.entry import CorruptEntryError, UnknownEntryError, check_relative, parse_entry
 from motiondirector.catalog.ids import new_id, validate_id
 from motiondirector.catalog.store import Store
-from motiondirector.lora.package import MANIFEST, Manifest, PackageError, read_package, sha256_file
+from motiondirector.lora.package import MANIFEST, Manifest, PackageError, read_package
+from motiondirector.storage import cache_root, catalog_root, sha256_file, staged_folder
 
 if TYPE_CHECKING:
     from motiondirector.catalog.maintenance import GcReport, VerifyReport
-
-ROOT_VARIABLE = "MOTIONDIRECTOR_CATALOG"
-DEFAULT_ROOT = "~/.cache/motiondirector/catalog"
-
-
-def catalog_root(uri: str | os.PathLike | None = None) -> str:
-    """The root to use: `uri`, else $MOTIONDIRECTOR_CATALOG, else ~/.cache/motiondirector/catalog."""
-    root = str(uri or os.environ.get(ROOT_VARIABLE) or DEFAULT_ROOT)
-    return root if "://" in root else os.path.expanduser(root)
-
 
 @dataclass(frozen=True)
 class Page:
@@ -165,9 +154,8 @@ class Catalog:
         target = cache / f"{catalog_id}-{index.content_digest(manifest.sha256)[:16]}"
         if (target / MANIFEST).exists():
             return target  # only ever appears complete and verified (renamed into place below)
-        cache.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
-        try:
+        # A concurrent resolver's complete copy, if it wins the rename, is as good as ours.
+        with staged_folder(target) as staging:
             for relative in manifest.sha256:
                 source = f"{self.store.entry(catalog_id)}/{relative}"
                 try:
@@ -176,21 +164,11 @@ class Catalog:
                     raise CorruptEntryError(f"{source}: missing (entry {catalog_id})") from None
             _check_hashes(staging, manifest)
             (staging / MANIFEST).write_bytes(manifest.model_dump_json(indent=2).encode())
-            try:
-                staging.rename(target)
-            except OSError:
-                if not (target / MANIFEST).exists():
-                    raise
-                # Another process resolved the same entry first; its copy is as good as ours.
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def _resolve_cache_dir(self) -> Path:
         if self._resolve_cache is not None:
-            return Path(self._resolve_cache).expanduser()
-        from motiondirector.data.cache import cache_root  # heavy: only for remote catalogs
-
+            return cache_root(self._resolve_cache)
         return cache_root() / "resolved"
 
     # ---- queries -------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ object or the new one, never a prefix), and S3/GCS give read-after-write consist
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -25,7 +24,8 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from motiondirector.catalog.ids import is_catalog_id, validate_id
-from motiondirector.lora.package import MANIFEST, atomic_write_bytes
+from motiondirector.lora.package import MANIFEST
+from motiondirector.storage import publish, sha256_file
 
 ENTRIES = "loras"
 INDEX = "index"
@@ -120,11 +120,7 @@ class Store:
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """Readers see the old content (or nothing) or all of `data`, never a part."""
-        if self.is_local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(Path(path), data)
-        else:
-            self.fs.pipe_file(path, data)
+        publish(path, data, self.fs)
 
     def upload(self, files: dict[str, Path]) -> None:
         """Copy local files to their store paths; object stores upload them concurrently."""
@@ -140,11 +136,7 @@ class Store:
         self.fs.get_file(path, str(local_path))
 
     def sha256(self, path: str) -> str:
-        digest = hashlib.sha256()
-        with self.fs.open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return sha256_file(path, self.fs)
 
     def remove_file(self, path: str) -> None:
         self.fs.rm_file(path)

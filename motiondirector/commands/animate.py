@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from motiondirector.commands.common import CatalogOption, JsonOption, reported_errors
+from motiondirector.commands.common import CatalogOption, JsonOption, console, reported_errors
 from motiondirector.commands.generate import (
     CacheDirOption,
-    CatalogOnDemand,
     FpsOption,
     FramesOption,
     GenerationDevice,
@@ -26,6 +25,7 @@ from motiondirector.commands.generate import (
     build_params,
     report_videos,
 )
+from motiondirector.commands.observers import RichProgress
 
 
 def animate(
@@ -42,11 +42,11 @@ def animate(
     motion_scale: MotionScaleOption = None,
     appearance_scale: Annotated[float, typer.Option("--appearance-scale", help="γ of the image LoRA.")] = 1.0,
     negative_prompt: NegativeOption = "",
-    steps: StepsOption = 30,
-    guidance: GuidanceOption = 12.0,
-    frames: FramesOption = 16,
-    size: SizeOption = "384x384",
-    fps: FpsOption = 8.0,
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    frames: FramesOption = None,
+    size: SizeOption = None,
+    fps: FpsOption = None,
     seed: SeedOption = None,
     device: GenerationDevice = "auto",
     cache_dir: CacheDirOption = None,
@@ -54,17 +54,19 @@ def animate(
     as_json: JsonOption = False,
 ) -> None:
     """Train (or reuse) a spatial LoRA on the images and generate them moving with the motion LoRA(s)."""
-    from motiondirector import generate as generation
+    from motiondirector import api
 
     with reported_errors():
-        lookup = CatalogOnDemand(catalog)
+        lookup = api.CatalogOnDemand(catalog)
         params = build_params(base=base, prompts=prompt, motions=motion, motion_scales=motion_scale,
                               appearances=None, appearance_scales=None, size=size, catalog=lookup,
                               negative_prompt=negative_prompt, steps=steps, guidance=guidance, frames=frames,
                               fps=fps, seed=seed)
-        videos = generation.animate(images, params, out, caption=caption, steps_train=steps_train,
-                                    appearance_scale=appearance_scale, device=device, cache_dir=cache_dir,
-                                    catalog=lookup)
+        with RichProgress(console) as bars:
+            videos = api.animate(images, params, caption=caption, steps_train=steps_train,
+                                 appearance_scale=appearance_scale, device=device, cache_dir=cache_dir,
+                                 catalog=lookup, observers=[bars])
+        api.save_videos(videos, out)
     report_videos(videos, as_json)
 
 

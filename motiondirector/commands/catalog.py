@@ -23,8 +23,10 @@ from motiondirector.commands.common import (
 )
 
 if TYPE_CHECKING:
-    from motiondirector.catalog import Catalog, Page
-    from motiondirector.lora.package import Manifest
+    from motiondirector.api import Catalog, Manifest, Page
+
+# Columns `catalog ls` adds to id, name, kind, concept and base, with the terminal width each needs.
+OPTIONAL_COLUMNS = (("created", 100), ("rank", 140), ("step", 140), ("tags", 140), ("metrics", 140))
 
 catalog_app = typer.Typer(no_args_is_help=True, help="The LoRA catalog: list, search, add, remove, verify.")
 
@@ -46,7 +48,7 @@ FromIndexOption = Annotated[bool, typer.Option(
 
 @contextmanager
 def _catalog_errors() -> Iterator[None]:
-    from motiondirector.catalog import UnknownEntryError
+    from motiondirector.api import UnknownEntryError
 
     with reported_errors():
         try:
@@ -56,7 +58,7 @@ def _catalog_errors() -> Iterator[None]:
 
 
 def _open(uri: str | None) -> Catalog:
-    from motiondirector.catalog import Catalog
+    from motiondirector.api import Catalog
 
     return Catalog(uri)
 
@@ -88,20 +90,37 @@ def _manifest_json(manifest: Manifest) -> dict[str, Any]:
     return manifest.model_dump(mode="json")
 
 
+def _base_label(model_id: str) -> str:
+    """A local base folder by its name (the full path is in `catalog show` and --json); other ids as given."""
+    return Path(model_id).name if Path(model_id).is_absolute() else model_id
+
+
 def _show_page(catalog: Catalog, page: Page, offset: int, as_json: bool) -> None:
     if as_json:
         print_json({"catalog": catalog.uri, "total": page.total, "offset": offset,
                     "entries": [_manifest_json(m) for m in page.manifests], "invalid": page.invalid})
         return
-    table = Table(title=f"catalog {catalog.uri}")
+    # The id, name, kind, concept and base always show (readable at 80 columns); the rest as width allows.
+    extra = [column for column, needs in OPTIONAL_COLUMNS if console.width >= needs]
+    table = Table(title=f"catalog {catalog.uri}", box=None, pad_edge=False, header_style="bold")
     table.add_column("id", no_wrap=True, min_width=26)  # ids are copied from here: never folded
-    for column in ("name", "kind", "concept", "base", "rank", "step", "tags", "metrics", "created"):
-        table.add_column(column, overflow="fold")
+    table.add_column("name", overflow="fold", min_width=8)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("concept", overflow="fold", min_width=8)
+    table.add_column("base", no_wrap=True, overflow="ellipsis", max_width=16 if not extra else 24)
+    for column in extra:
+        table.add_column(column, no_wrap=column in ("rank", "step", "created"), overflow="fold",
+                         justify="right" if column in ("rank", "step") else "left")
     for m in page.manifests:
-        metrics = " ".join(f"{k}={v:.3g}" for k, v in sorted(m.metrics.items()))
-        table.add_row(m.id, m.name or "", m.kind, m.concept or "", m.base.model_id, str(m.rank), str(m.step),
-                      ", ".join(m.tags), metrics, m.created_at.strftime("%Y-%m-%d %H:%M"))
+        cells = {"created": m.created_at.strftime("%Y-%m-%d %H:%M"), "rank": str(m.rank), "step": str(m.step),
+                 "tags": ", ".join(m.tags), "metrics": "\n".join(f"{k}={v:.3g}" for k, v in sorted(m.metrics.items()))}
+        table.add_row(m.id, m.name or "", m.kind, m.concept or "", _base_label(m.base.model_id),
+                      *(cells[column] for column in extra))
     console.print(table)
+    hidden = [column for column, _ in OPTIONAL_COLUMNS if column not in extra]
+    if hidden and page.manifests:
+        console.print(f"not shown at this width: {', '.join(hidden)} (see `catalog show ID` or --json)",
+                      style="dim", highlight=False)
     shown = f"{offset + 1}-{offset + len(page.manifests)}" if page.manifests else "none"
     console.print(f"showing {shown} of {page.total}")
     for catalog_id, error in sorted(page.invalid.items()):
@@ -180,7 +199,7 @@ def add(
     as_json: JsonOption = False,
 ) -> None:
     """Register a LoRA package (or a run's packages) under new ids; files first, manifest last."""
-    from motiondirector.catalog import is_run_folder, register_run
+    from motiondirector.api import is_run_folder, register_run
 
     with _catalog_errors(), console.status(f"copying {package} into the catalog"):
         catalog = _open(uri)

@@ -45,12 +45,15 @@ def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> typer.Exit:
 @contextmanager
 def reported_errors() -> Iterator[None]:
     """Turn the library's expected errors into one clear line and a documented exit code."""
-    from motiondirector.backbones import ModelNotAvailableError, ModelTooLargeError
+    # api loads only the modules of the names asked for: the fast catalog commands stay fast.
+    from motiondirector.api import ModelNotAvailableError, ModelTooLargeError, TrainingDiverged
 
     try:
         yield
     except (ModelNotAvailableError, ModelTooLargeError) as error:
         raise fail(str(error), ExitCode.MODEL_UNAVAILABLE) from None
+    except TrainingDiverged as error:
+        raise fail(str(error), ExitCode.FAILED) from None
     except (ValueError, FileNotFoundError) as error:
         raise fail(str(error), ExitCode.BAD_INPUT) from None
     except KeyboardInterrupt:

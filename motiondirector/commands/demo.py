@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from motiondirector.commands.common import DeviceOption, JsonOption, console, print_json, reported_errors
+from motiondirector.commands.observers import RichProgress
 
 REFERENCE_PROMPT = "a red circle moving in a zigzag on a grey background"
 TARGET_PROMPT = "a blue square moving in a zigzag on a black background"
@@ -20,14 +21,14 @@ TARGET_PROMPT = "a blue square moving in a zigzag on a black background"
 
 def _backbone(base: str, out: Path, device: str):
     """The named model, or (only for the embedded toy model, when its weights are missing) a random one."""
-    from motiondirector.backbones import ModelNotAvailableError, load_backbone
+    from motiondirector.api import ModelNotAvailableError, load_backbone
 
     try:
         return load_backbone(base, device)
     except ModelNotAvailableError:
         if base != "toy":
             raise
-        from motiondirector.backbones.tiny import write_tiny_model
+        from motiondirector.api import write_tiny_model
         from motiondirector.toyworld.pretrain import toy_model_config
 
         console.print("[bold yellow]notice:[/] the embedded toy model is missing its weights; running the demo on a "
@@ -46,32 +47,38 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """Render a reference clip, train a dual-path motion LoRA on it, generate the motion with a new look."""
-    from motiondirector.generate import GenerationParams, LoraChoice, generate
+    from motiondirector.api import (
+        GenerationParams,
+        LoraChoice,
+        generate,
+        save_videos,
+        train,
+        write_gif,
+        write_video,
+    )
     from motiondirector.toyworld.benchmark import BenchmarkSettings, clip_records, train_config
-    from motiondirector.toyworld.evaluate import TOY_SAMPLING, score_sample
+    from motiondirector.toyworld.evaluate import score_sample
     from motiondirector.toyworld.render import parse_caption, render
-    from motiondirector.train.loop import train
-    from motiondirector.video_io import write_gif, write_video
 
-    sampling = TOY_SAMPLING
     with reported_errors():
         backbone = _backbone(base, out, device)
+        native = backbone.defaults  # the clip and the videos at the model's own frames, size and sampling
         reference_scene, target = parse_caption(REFERENCE_PROMPT), parse_caption(TARGET_PROMPT)
-        clip = render(reference_scene, frames=sampling.frames, size=(sampling.height, sampling.width), seed=seed)
+        clip = render(reference_scene, frames=native.frames, size=(native.height, native.width), seed=seed)
         reference_files = [write_video(clip.frames, out / "reference.mp4"), write_gif(clip.frames, out / "reference.gif")]
         console.print(f"1/3 reference clip: {REFERENCE_PROMPT!r} -> {reference_files[0]}", highlight=False)
 
         console.print(f"2/3 training a dual-path LoRA ({steps} steps)", highlight=False)
         config = train_config(BenchmarkSettings(steps=steps), backbone, "dual_path", 1, clip.caption)
-        summary = train(config, out / "run", overwrite=True, backbone=backbone, records=clip_records(backbone, [clip]))
+        with RichProgress(console) as bars:
+            summary = train(config, out / "run", overwrite=True, backbone=backbone,
+                            records=clip_records(backbone, [clip]), observers=[bars])
 
         console.print(f"3/3 generating {TARGET_PROMPT!r} with the motion LoRA and with the base model", highlight=False)
         results = {}
         for label, motions in (("with-lora", [LoraChoice(reference=summary.packages["temporal"])]), ("base", [])):
-            params = GenerationParams(base=base, prompts=[TARGET_PROMPT] * videos, motions=motions, seed=seed,
-                                      steps=sampling.steps, guidance=sampling.guidance, frames=sampling.frames,
-                                      height=sampling.height, width=sampling.width)
-            generated = generate(params, out / label, backbone=backbone)
+            params = GenerationParams(base=base, prompts=[TARGET_PROMPT] * videos, motions=motions, seed=seed)
+            generated = save_videos(generate(params, backbone=backbone), out / label)
             results[label] = [{"files": {k: str(v) for k, v in video.files.items()}, "seed": video.seed,
                                "scores": score_sample(video.frames, target, video.seed, reference_scene,
                                                       clip.trajectory)} for video in generated]

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from motiondirector.commands.common import CatalogOption, JsonOption, console, print_json, reported_errors
+from motiondirector.commands.observers import RichProgress
 
 if TYPE_CHECKING:
-    from motiondirector.generate import GeneratedVideo, GenerationParams
+    from motiondirector.api import CatalogOnDemand, GeneratedVideo, GenerationParams
 
 OutOption = Annotated[Path, typer.Option("--out", help="Folder for the videos and their sidecars.")]
 OptionalBase = Annotated[str | None, typer.Option(
@@ -26,32 +27,19 @@ MotionScaleOption = Annotated[list[float] | None, typer.Option("--motion-scale",
 AppearanceScaleOption = Annotated[list[float] | None, typer.Option(
     "--appearance-scale", help="γ of the i-th --appearance.")]
 NegativeOption = Annotated[str, typer.Option("--negative-prompt")]
-StepsOption = Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")]
-GuidanceOption = Annotated[float, typer.Option("--guidance", min=0, help="Classifier-free guidance scale.")]
-FramesOption = Annotated[int, typer.Option("--frames", min=1)]
-SizeOption = Annotated[str, typer.Option("--size", help="HEIGHTxWIDTH")]
-FpsOption = Annotated[float, typer.Option("--fps", min=0.1)]
+# Sampling options default to the base model's own values (docs/generation.md, "Defaults").
+StepsOption = Annotated[int | None, typer.Option("--steps", min=1, help="DDIM steps; default: the model's.")]
+GuidanceOption = Annotated[float | None, typer.Option("--guidance", min=0, help="Classifier-free guidance scale; "
+                                                      "default: the model's.")]
+FramesOption = Annotated[int | None, typer.Option("--frames", min=1, help="Default: the model's.")]
+SizeOption = Annotated[str | None, typer.Option("--size", help="HEIGHTxWIDTH; default: the model's.")]
+FpsOption = Annotated[float | None, typer.Option("--fps", min=0.1, help="Default: the model's.")]
 SeedOption = Annotated[int | None, typer.Option("--seed", min=0, help="Seed of the first video (video i: seed+i); "
                                                 "default: random, recorded in the sidecar.")]
 GenerationDevice = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 CacheDirOption = Annotated[Path | None, typer.Option(
     "--cache-dir", help="Cache root (noise priors, image LoRAs); default $MOTIONDIRECTOR_CACHE or "
     "~/.cache/motiondirector.")]
-
-
-class CatalogOnDemand:
-    """`--catalog`, opened only when a LoRA reference is not a local path."""
-
-    def __init__(self, uri: str | None) -> None:
-        self.uri = uri
-        self._catalog = None
-
-    def resolve(self, entry_id: str) -> Path:
-        if self._catalog is None:
-            from motiondirector.catalog import Catalog
-
-            self._catalog = Catalog(self.uri)
-        return self._catalog.resolve(entry_id)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -77,19 +65,19 @@ def pair_scales(option: str, references: list[str], scales: list[float]) -> list
 
 def build_params(*, base: str | None, prompts: list[str] | None, motions: list[str] | None,
                  motion_scales: list[float] | None, appearances: list[str] | None,
-                 appearance_scales: list[float] | None, size: str, catalog: CatalogOnDemand,
+                 appearance_scales: list[float] | None, size: str | None, catalog: CatalogOnDemand,
                  **sampling: Any) -> GenerationParams:
     """Options -> validated GenerationParams; an omitted --base is the first LoRA's base model."""
-    from motiondirector import generate as generation
+    from motiondirector import api
 
     if not prompts:
         raise ValueError("at least one --prompt is needed")
-    height, width = parse_size(size)
+    height, width = parse_size(size) if size else (None, None)
     data = dict(base=base or "", prompts=prompts, height=height, width=width,
                 motions=pair_scales("--motion", motions or [], motion_scales or []),
                 appearances=pair_scales("--appearance", appearances or [], appearance_scales or []), **sampling)
-    params = generation.validated_params(data, "options")
-    return params if base else params.model_copy(update={"base": generation.package_base(params, catalog)})
+    params = api.validated_params(data, "options")
+    return params if base else params.model_copy(update={"base": api.package_base(params, catalog)})
 
 
 def report_videos(videos: list[GeneratedVideo], as_json: bool) -> None:
@@ -112,11 +100,14 @@ def generate(
         "LoRA, or a catalog id.")] = None,
     appearance_scale: AppearanceScaleOption = None,
     negative_prompt: NegativeOption = "",
-    steps: StepsOption = 30,
-    guidance: GuidanceOption = 12.0,
-    frames: FramesOption = 16,
-    size: SizeOption = "384x384",
-    fps: FpsOption = 8.0,
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    guidance_rescale: Annotated[float, typer.Option(
+        "--guidance-rescale", min=0.0, max=1.0, help="Guidance rescale φ (Lin et al. 2024; 0.7 for "
+        "zero-terminal-SNR bases with strong guidance); 0 = off.")] = 0.0,
+    frames: FramesOption = None,
+    size: SizeOption = None,
+    fps: FpsOption = None,
     seed: SeedOption = None,
     noise_prior: Annotated[float, typer.Option("--noise-prior", min=0.0, max=1.0,
                                                help="Strength p of the reference clip's inverted noise.")] = 0.0,
@@ -131,20 +122,30 @@ def generate(
     as_json: JsonOption = False,
 ) -> None:
     """Generate videos with learned motions (and appearances); write mp4, gif, png grid and a JSON sidecar."""
-    from motiondirector import generate as generation
+    from motiondirector import api
 
     with reported_errors():
-        lookup = CatalogOnDemand(catalog)
-        if replay_from is not None:
-            videos = generation.replay(replay_from, out, device=device, cache_dir=cache_dir, catalog=lookup)
-        else:
-            params = build_params(
-                base=base, prompts=prompt, motions=motion, motion_scales=motion_scale, appearances=appearance,
-                appearance_scales=appearance_scale, size=size, catalog=lookup, negative_prompt=negative_prompt,
-                steps=steps, guidance=guidance, frames=frames, fps=fps, seed=seed, noise_prior=noise_prior,
-                reference_video=str(reference) if reference else None, fuse=fuse)
-            videos = generation.generate(params, out, device=device, cache_dir=cache_dir, catalog=lookup)
+        lookup = api.CatalogOnDemand(catalog)
+        with RichProgress(console) as bars:
+            videos = _generate_or_replay(replay_from, lookup, device=device, cache_dir=cache_dir, observers=[bars],
+                                         base=base, prompts=prompt, motions=motion, motion_scales=motion_scale,
+                                         appearances=appearance, appearance_scales=appearance_scale, size=size,
+                                         negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                         guidance_rescale=guidance_rescale,
+                                         frames=frames, fps=fps, seed=seed, noise_prior=noise_prior,
+                                         reference_video=str(reference) if reference else None, fuse=fuse)
+        api.save_videos(videos, out)
     report_videos(videos, as_json)
+
+
+def _generate_or_replay(replay_from: Path | None, lookup: CatalogOnDemand, *, device: str,
+                        cache_dir: Path | None, observers: list, **options: Any) -> list[GeneratedVideo]:
+    from motiondirector import api
+
+    if replay_from is not None:
+        return api.replay(replay_from, device=device, cache_dir=cache_dir, catalog=lookup, observers=observers)
+    params = build_params(catalog=lookup, **options)
+    return api.generate(params, device=device, cache_dir=cache_dir, catalog=lookup, observers=observers)
 
 
 def register(app: typer.Typer) -> None:

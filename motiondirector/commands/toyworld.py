@@ -35,8 +35,8 @@ def render_command(
     as_json: JsonOption = False,
 ) -> None:
     """Render a ground-truth clip of the toy world from a caption."""
+    from motiondirector.api import write_gif, write_video
     from motiondirector.toyworld.render import parse_caption, render
-    from motiondirector.video_io import write_gif, write_video
 
     with reported_errors():
         if out.suffix.lower() not in (".mp4", ".gif"):
@@ -130,15 +130,13 @@ def report_command(
 
     import torch
 
-    from motiondirector.backbones import load_backbone
-    from motiondirector.lora.package import atomic_write_bytes
+    from motiondirector.api import atomic_write, load_backbone, write_grid_png
     from motiondirector.toyworld.evaluate import (
         TOY_SAMPLING,
         base_quality_report,
         replace_docs_section,
         report_markdown,
     )
-    from motiondirector.video_io import write_grid_png
 
     with reported_errors(), _progress() as progress:
         backbone = load_backbone(base, device)
@@ -150,8 +148,8 @@ def report_command(
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             samples = report.pop("samples")
-            atomic_write_bytes(out / "report.md", markdown.encode())
-            atomic_write_bytes(out / "report.json", json.dumps(report, indent=2, default=str).encode())
+            atomic_write(out / "report.md", markdown.encode())
+            atomic_write(out / "report.json", json.dumps(report, indent=2, default=str).encode())
             first = torch.stack([s.frames for s in samples[:16]])
             write_grid_png(first.reshape(-1, *first.shape[2:]), out / "samples.png", columns=first.shape[1])
         if docs is not None:
@@ -178,6 +176,11 @@ def benchmark_command(
     rank: Annotated[int, typer.Option("--rank", min=1)] = 16,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
     beta: Annotated[float, typer.Option("--beta", min=0.0, help="AD-loss beta.")] = 1.0,
+    high_share: Annotated[float, typer.Option("--high-share", min=0.0, max=1.0, help=(
+        "Share of LoRA training steps drawing t from [--high-from, T) (config timesteps.high_share)."))] = 0.0,
+    high_from: Annotated[int, typer.Option("--high-from", min=0)] = 800,
+    modes: Annotated[list[str] | None, typer.Option(
+        "--modes", help="Modes to run, in this order; repeat (default: base coupled dual_path_no_ad dual_path).")] = None,
     guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
     sampling_steps: Annotated[int, typer.Option("--sampling-steps", min=1)] = 20,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -189,14 +192,15 @@ def benchmark_command(
     """Table 1 in the toy world: base, coupled, dual_path_no_ad and dual_path on a held-out motion."""
     from dataclasses import replace
 
-    from motiondirector.backbones import load_backbone
+    from motiondirector.api import load_backbone
     from motiondirector.toyworld.benchmark import BenchmarkSettings, run_benchmark, table_markdown
     from motiondirector.toyworld.evaluate import TOY_SAMPLING, replace_docs_section
 
     with reported_errors():
         settings = BenchmarkSettings(
             motion=motion, reference=reference, videos=tuple(videos or (1, 3)), prompts=prompts, seeds=seeds,
-            steps=steps, rank=rank, lr=lr, ad_beta=beta, seed=seed,
+            steps=steps, rank=rank, lr=lr, ad_beta=beta, high_share=high_share, high_from=high_from,
+            seed=seed, **({"modes": tuple(modes)} if modes else {}),
             sampling=replace(TOY_SAMPLING, guidance=guidance, steps=sampling_steps))
         backbone = load_backbone(base, device)
         result = run_benchmark(backbone, settings, out,
@@ -238,8 +242,7 @@ def diagnose_command(
     import tempfile
     from dataclasses import replace
 
-    from motiondirector.backbones import load_backbone
-    from motiondirector.lora.package import atomic_write_bytes
+    from motiondirector.api import atomic_write, load_backbone, write_grid_png
     from motiondirector.toyworld.diagnose import (
         DiagnoseSettings,
         diagnose,
@@ -248,7 +251,6 @@ def diagnose_command(
         without_samples,
     )
     from motiondirector.toyworld.evaluate import TOY_SAMPLING, replace_docs_section
-    from motiondirector.video_io import write_grid_png
 
     with reported_errors(), tempfile.TemporaryDirectory(prefix="toyworld-diagnose-") as scratch:
         chosen = tuple(dict.fromkeys(probes or ("leak", "accuracy", "steer")))
@@ -268,8 +270,8 @@ def diagnose_command(
         markdown = diagnose_markdown(result, _invocation("diagnose"))
         plain = without_samples(result)
         if out is not None:
-            atomic_write_bytes(out / "diagnose.md", markdown.encode())
-            atomic_write_bytes(out / "diagnose.json", json.dumps(plain, indent=2, default=str).encode())
+            atomic_write(out / "diagnose.md", markdown.encode())
+            atomic_write(out / "diagnose.json", json.dumps(plain, indent=2, default=str).encode())
             grid = grid_rows(result)
             if grid is not None:
                 write_grid_png(grid.reshape(-1, *grid.shape[2:]), out / "diagnose.png", columns=grid.shape[1])

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from motiondirector.commands.common import ExitCode, JsonOption, console, fail, print_json, reported_errors
+from motiondirector.commands.observers import RichProgress, TensorBoardScalars, losses_text
 
 
 def train(
@@ -26,47 +27,36 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Train the config's spatial and temporal LoRAs; exit 130 after checkpointing on SIGINT/SIGTERM."""
-    from motiondirector.config import load_config
-    from motiondirector.train.loop import TrainingInterrupted
-    from motiondirector.train.loop import train as run_training
+    from motiondirector import api
 
     if resume and overwrite:
         raise fail("--resume and --overwrite exclude each other")
     with reported_errors():
-        settings = load_config(config, overrides or [])
+        settings = api.load_config(config, overrides or [])
         updates = {key: value for key, value in (("device", device), ("cache_dir", cache_dir)) if value is not None}
         if updates:
             settings = settings.model_copy(update={k: str(v) for k, v in updates.items()})
         folder = out or Path("runs") / config.stem
         try:
-            summary = run_training(settings, folder, resume=resume, overwrite=overwrite)
-        except TrainingInterrupted as stopped:
+            with RichProgress(console) as bars, TensorBoardScalars(settings.log_every) as tensorboard:
+                summary, manifests = api.train_and_register(settings, folder, catalog, resume=resume,
+                                                            overwrite=overwrite, observers=[bars, tensorboard])
+        except api.TrainingInterrupted as stopped:
             if as_json:
                 print_json({"out_dir": str(folder), "interrupted": True, "step": stopped.step,
                             "checkpoint": str(stopped.checkpoint)})
             raise fail(str(stopped), ExitCode.INTERRUPTED) from None
-    registered = _register(catalog, folder) if catalog is not None else []
+        except api.RegistrationError as error:
+            raise fail(str(error), ExitCode.FAILED) from None
+    registered = [manifest.id for manifest in manifests]
     if as_json:
         print_json({**summary.to_json(), **({"catalog_ids": registered} if catalog is not None else {})})
         return
     console.print(f"trained {summary.steps} steps in {summary.seconds:.1f} s ({summary.mode}, spatial LoRAs "
-                  f"{summary.routing}); losses: "
-                  + ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in summary.losses.items()),
-                  highlight=False)
+                  f"{summary.routing}); losses: {losses_text(summary.losses)}", highlight=False)
     for catalog_id in registered:
         console.print(f"registered {catalog_id} in {catalog}", highlight=False)
     print(summary.out_dir)
-
-
-def _register(uri: str, folder: Path) -> list[str]:
-    """Catalog ids of the finished run's LoRAs; a failure here keeps the trained run and says how to retry."""
-    from motiondirector.catalog import Catalog, register_run
-
-    try:
-        return [manifest.id for manifest in register_run(Catalog(uri), folder)]
-    except (OSError, ValueError) as error:
-        raise fail(f"trained {folder}, but registering it in catalog {uri} failed: {error}; retry with "
-                   f"`motiondirector catalog add {folder} --catalog {uri}`", ExitCode.FAILED) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -1,7 +1,8 @@
 """Data: source files -> clips -> cache records. See docs/data.md.
 
-Training calls `load_records(spec, backbone)`; Ray ingestion calls the pure stages `decode_item`,
-`encode_clips` and `records_to_table` itself.
+Training calls `load_records(spec, backbone)` (the local record cache) or reads an ingested dataset
+(`DatasetReference`, data/reference.py). Ray ingestion (pipelines/ingest.py) runs the stages of
+data/ingest_plan.py, which call the same functions of data/encode.py per clip.
 """
 
 from motiondirector.data.cache import cache_root, clear_cache, list_cache, load_records

@@ -10,16 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from motiondirector.data.encode import (
     decode_plans,
@@ -30,20 +27,11 @@ from motiondirector.data.encode import (
 )
 from motiondirector.data.records import METADATA_COLUMNS, CacheRecord, records_to_table, table_to_records
 from motiondirector.data.sources import DatasetSpec, list_items
-from motiondirector.lora.package import atomic_write_bytes
+from motiondirector.events import Observer, Progress, emit
+from motiondirector.storage import atomic_write, cache_root
 
-CACHE_ENV = "MOTIONDIRECTOR_CACHE"
 RECORDS_DIR = "records"
 _SUFFIX = ".parquet"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $MOTIONDIRECTOR_CACHE, else ~/.cache/motiondirector."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path.home() / ".cache" / "motiondirector"
 
 
 def dataset_folder_name(dataset: str) -> str:
@@ -59,7 +47,7 @@ def write_record(path: Path, record: CacheRecord) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(records_to_table([record]), sink)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    atomic_write(path, sink.getvalue().to_pybytes())
 
 
 def read_record(path: Path) -> CacheRecord:
@@ -107,49 +95,46 @@ class _Store:
         self._index(path)
 
 
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Progress]:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True) as progress:
-        yield progress
-
-
 def load_records(spec: DatasetSpec, backbone, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True) -> list[CacheRecord]:
+                 observers: Sequence[Observer] = ()) -> list[CacheRecord]:
     """The dataset's records in (video_index, clip_index) order, encoding only what the cache lacks.
 
-    Raises DataError naming the file for a bad source (zero-byte, corrupt, too short, ...).
+    Reports `Progress("cache", done, total, label)` to `observers`, for reading the sources and for
+    encoding their clips. Raises DataError naming the file for a bad source (zero-byte, corrupt, too
+    short, ...).
     """
+    spec = spec.with_model_defaults(backbone.defaults)
     vae_id, text_encoder_id = backbone.vae_id, backbone.text_encoder_id
     store = _Store(cache_root(cache_dir) / RECORDS_DIR)
     folder = store.records_dir / dataset_folder_name(spec.name)
     texts: dict[str, np.ndarray] = {}  # captions encoded in this call
     result: list[CacheRecord] = []
-    with _progress(progress) as bar:
-        items = list_items(spec)
-        task = bar.add_task(f"{spec.name}: reading sources", total=len(items))
-        plans_per_item = []
-        for item in items:
-            plans_per_item.append(plan_item(item, spec))
-            bar.advance(task)
-        task = bar.add_task(f"{spec.name}: encoding clips", total=sum(map(len, plans_per_item)))
-        for plans in plans_per_item:  # one file at a time: only its frames are in memory
-            keys = [(plan.latent_fingerprint(vae_id), plan.text_fingerprint(text_encoder_id)) for plan in plans]
-            paths = [folder / record_filename(*key) for key in keys]
-            found = [store.find(path, *key) for path, key in zip(paths, keys, strict=True)]
-            to_encode = [plan for plan, (latent, _) in zip(plans, found, strict=True) if latent is None]
-            new_latents = iter(encode_latents(backbone, decode_plans(to_encode)) if to_encode else [])
-            new_captions = {plan.caption for plan, (_, text) in zip(plans, found, strict=True)
-                            if text is None and plan.caption not in texts}
-            if new_captions:
-                texts.update(encode_texts(backbone, sorted(new_captions)))
-            for plan, path, (latent, text) in zip(plans, paths, found, strict=True):
-                record = make_record(plan, next(new_latents) if latent is None else latent,
-                                     texts[plan.caption] if text is None else text, vae_id, text_encoder_id)
-                if path not in store.files:
-                    store.add(path, record)
-                result.append(record)
-                bar.advance(task)
+    items = list_items(spec)
+    label = f"{spec.name}: reading sources"
+    emit(observers, Progress("cache", 0, len(items), label))
+    plans_per_item = []
+    for item in items:
+        plans_per_item.append(plan_item(item, spec))
+        emit(observers, Progress("cache", len(plans_per_item), len(items), label))
+    label, total = f"{spec.name}: encoding clips", sum(map(len, plans_per_item))
+    emit(observers, Progress("cache", 0, total, label))
+    for plans in plans_per_item:  # one file at a time: only its frames are in memory
+        keys = [(plan.latent_fingerprint(vae_id), plan.text_fingerprint(text_encoder_id)) for plan in plans]
+        paths = [folder / record_filename(*key) for key in keys]
+        found = [store.find(path, *key) for path, key in zip(paths, keys, strict=True)]
+        to_encode = [plan for plan, (latent, _) in zip(plans, found, strict=True) if latent is None]
+        new_latents = iter(encode_latents(backbone, decode_plans(to_encode)) if to_encode else [])
+        new_captions = {plan.caption for plan, (_, text) in zip(plans, found, strict=True)
+                        if text is None and plan.caption not in texts}
+        if new_captions:
+            texts.update(encode_texts(backbone, sorted(new_captions)))
+        for plan, path, (latent, text) in zip(plans, paths, found, strict=True):
+            record = make_record(plan, next(new_latents) if latent is None else latent,
+                                 texts[plan.caption] if text is None else text, vae_id, text_encoder_id)
+            if path not in store.files:
+                store.add(path, record)
+            result.append(record)
+            emit(observers, Progress("cache", len(result), total, label))
     return sorted(result, key=lambda r: (r.video_index, r.clip_index))
 
 

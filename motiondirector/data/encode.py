@@ -1,8 +1,12 @@
-"""The two pure stages between files and cache records, distributed by Ray ingestion unchanged.
+"""The two pure stages between files and cache records.
 
 decode (CPU, no model): SourceItem -> DecodedClip (frames fitted to the training size)
 encode (the backbone's VAE and text encoder): DecodedClip -> CacheRecord
 `plan_item` is decode without the pixels: enough to compute fingerprints and skip cached clips.
+The record cache (data/cache.py) and ingestion (data/ingest_plan.py, distributed by Ray) call
+`plan_item`, `decode_plans`, `encode_latents`, `encode_texts` and `make_record` separately, so
+that only uncached parts are decoded and encoded; `decode_item` + `encode_clips` is the same path
+without skipping (the single-process reference in tests and bench/ingest.py).
 """
 
 from __future__ import annotations

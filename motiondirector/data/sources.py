@@ -11,13 +11,17 @@ import json
 import posixpath
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from motiondirector.data.clips import ClipPolicy
 from motiondirector.data.errors import DataError
+from motiondirector.storage import is_url
+
+if TYPE_CHECKING:  # a runtime import would load torch through motiondirector.backbones
+    from motiondirector.backbones.defaults import ModelDefaults
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -40,11 +44,13 @@ class DatasetSpec(BaseModel):
     caption_source: Literal["auto", "sidecar", "metadata", "fixed"] = Field(
         "auto", description="auto: sidecar .txt, else metadata.jsonl, else `caption`. "
                             "sidecar / metadata: required for every file. fixed: `caption` for all.")
-    frames: int = Field(16, ge=1)
-    fps: float = Field(8.0, gt=0)
+    # Geometry left unset takes the base model's native frames, fps and size (with_model_defaults).
+    frames: int | None = Field(None, ge=1, description="Frames per clip; default: the base model's.")
+    fps: float | None = Field(None, gt=0, description="Sampling rate of the clips; default: the base model's.")
     mode: Literal["start", "sliding"] = "start"
     stride: int | None = Field(None, ge=1)
-    size: tuple[int, int] = Field((384, 384), description="(height, width) of the encoded frames.")
+    size: tuple[int, int] | None = Field(None, description="(height, width) of the encoded frames; default: the "
+                                                           "base model's.")
     buckets: list[tuple[int, int]] | None = Field(
         None, description="(height, width) sizes; each file uses the one closest to its aspect ratio.")
     hflip: float = Field(0.0, ge=0.0, le=1.0, description="Images: probability of a mirrored copy "
@@ -71,8 +77,8 @@ class DatasetSpec(BaseModel):
 
     @field_validator("size")
     @classmethod
-    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) < 1:
+    def _positive_size(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and min(value) < 1:
             raise ValueError(f"size must be positive (height, width), got {value}")
         return value
 
@@ -89,8 +95,16 @@ class DatasetSpec(BaseModel):
             raise ValueError("caption_source 'fixed' needs `caption`")
         return self
 
+    def with_model_defaults(self, defaults: ModelDefaults) -> DatasetSpec:
+        """Unset frames / fps / size taken from the base model that encodes the dataset."""
+        native = {"frames": defaults.frames, "fps": defaults.fps, "size": (defaults.height, defaults.width)}
+        return self.model_copy(update={k: v for k, v in native.items() if getattr(self, k) is None})
+
     @property
     def clip_policy(self) -> ClipPolicy:
+        if self.frames is None or self.fps is None or self.size is None:
+            raise ValueError(f"dataset {self.name!r}: frames, fps and size are unset; apply the base model's "
+                             "defaults first (DatasetSpec.with_model_defaults)")
         return ClipPolicy(frames=self.frames, fps=self.fps, mode=self.mode, stride=self.stride)
 
     @property
@@ -142,8 +156,7 @@ def _expand(source: str) -> list[str]:
     data_files = [p for p in found if kind_of(p) is not None]
     if not data_files:
         raise DataError(source, "no video or image files found")
-    local = "://" not in source
-    return [p if local else fs.unstrip_protocol(p) for p in data_files]
+    return [fs.unstrip_protocol(p) if is_url(source) else p for p in data_files]
 
 
 class _CaptionFinder:

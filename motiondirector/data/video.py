@@ -6,18 +6,17 @@ ingestion stages can call them unchanged on remote data.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import IO
 
 import av
 import fsspec
 import numpy as np
 
 from motiondirector.data.errors import DataError
+from motiondirector.storage import sha256_file
 
 # Leading bytes of containers we know are videos: a file that starts like one but cannot be
 # opened is truncated or corrupt rather than "not a video".
@@ -29,7 +28,6 @@ _VIDEO_SIGNATURES = (
     (0, b"OggS"), (0, b"FLV"), (0, b"GIF8"),
 )
 SUPPORTED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")  # Pillow format names
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -162,15 +160,6 @@ def read_image(path: str) -> np.ndarray:
     return np.array(image, dtype=np.uint8)  # a writable copy
 
 
-def _read_chunks(handle: IO[bytes]) -> Iterable[bytes]:
-    while chunk := handle.read(_HASH_CHUNK):
-        yield chunk
-
-
 def content_hash(path: str) -> str:
     """sha256 of the file's bytes (hex): the identity of a source in fingerprints."""
-    digest = hashlib.sha256()
-    with fsspec.open(path, "rb") as handle:
-        for chunk in _read_chunks(handle):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,12 @@ from motiondirector.lora.package import (
     LoraKind,
     Manifest,
     PackageError,
-    atomic_write_bytes,
     check_compatible,
     read_package,
-    sha256_file,
     write_package,
 )
 from motiondirector.lora.targets import targets_for
+from motiondirector.storage import atomic_write, sha256_file, staged_folder
 
 # The transformer class whose Linears a reference file's LoRAs belong to, per kind.
 REFERENCE_MODULE_CLASSES: dict[str, str] = {"spatial": "Transformer2DModel", "temporal": "TransformerTemporalModel"}
@@ -164,7 +162,7 @@ def export_kohya(package: str | Path, out_file: str | Path) -> Path:
                 "motiondirector_architecture": manifest.base.architecture}
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_file, safetensors_bytes(tensors, metadata=metadata))
+    atomic_write(out_file, safetensors_bytes(tensors, metadata=metadata))
     return out_file
 
 
@@ -275,20 +273,11 @@ def export_merged(packages: list[tuple[str | Path, float]], base: str, out: str 
     names = [f"export_{i}" for i in range(len(packages))]
     inject.activate(unet, names)
     inject.fuse(unet, names)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the export is a normal model folder
-    try:
+    with staged_folder(out) as staging:  # the folder appears complete or not at all
         shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet", ".*"))
         with plain_linears(unet):
             unet.to(_stored_dtype(source / "unet")).save_pretrained(staging / "unet", safe_serialization=True)
         (staging / EXPORT_RECORD).write_text(json.dumps(
             {"base": backbone.model_id, "architecture": backbone.architecture_fingerprint, "fused": records},
             indent=2))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)  # the folder appears complete or not at all
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

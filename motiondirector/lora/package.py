@@ -11,10 +11,7 @@ Training run folders, checkpoints and catalog entries all hold packages. Only sa
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +20,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
+from motiondirector.errors import describe_validation_error
 from motiondirector.lora.settings import LoraSettings, state_dict_modules
+from motiondirector.storage import atomic_output, atomic_write
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -80,27 +79,6 @@ class Manifest(BaseModel):
         return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=0.0)
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; published files must be readable by other users/services
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_package(folder: str | Path, state: dict[str, torch.Tensor], manifest: Manifest) -> Path:
     """Write a complete package; the manifest goes last so a crash leaves no 'complete' package."""
     folder = Path(folder)
@@ -112,12 +90,11 @@ def write_package(folder: str | Path, state: dict[str, torch.Tensor], manifest: 
                            f"{len(manifest.targets)} targets")
     config = manifest.settings.peft_config(manifest.targets).to_dict()
     config["lora_dropout"] = manifest.training_config.get("lora_dropout", 0.0)
-    atomic_write_bytes(folder / ADAPTER_CONFIG, json.dumps(_jsonable(config), indent=2).encode())
-    tmp = folder / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-              metadata={"format": "pt"})  # one key: byte-identical files for equal weights
-    os.replace(tmp, folder / ADAPTER_WEIGHTS)
-    atomic_write_bytes(folder / MANIFEST, manifest.model_dump_json(indent=2).encode())
+    atomic_write(folder / ADAPTER_CONFIG, json.dumps(_jsonable(config), indent=2).encode())
+    with atomic_output(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
+                  metadata={"format": "pt"})  # one key: byte-identical files for equal weights
+    atomic_write(folder / MANIFEST, manifest.model_dump_json(indent=2).encode())
     return folder
 
 
@@ -144,7 +121,7 @@ def parse_manifest(data: bytes | str, source: str = MANIFEST) -> Manifest:
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in error.errors()[:5])
+        problems = describe_validation_error(error, Manifest, limit=5)
         raise PackageError(f"{source}: invalid manifest ({problems})") from error
 
 

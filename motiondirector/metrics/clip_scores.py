@@ -13,7 +13,6 @@ Models are transformers `CLIPModel`s with their processor, from a local folder o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from motiondirector.backbones.base import ModelNotAvailableError
+from motiondirector.storage import local_path
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_PICKSCORE = "yuvalkirstain/PickScore_v1"
@@ -31,8 +31,8 @@ _FRAME_BATCH = 16
 
 def _from_pretrained(loader, name: str, what: str):
     """Local folder or hub id; the hub only when it is not cached, and a clear error when offline."""
-    if Path(name).expanduser().is_dir():
-        return loader.from_pretrained(str(Path(name).expanduser()))
+    if local_path(name).is_dir():
+        return loader.from_pretrained(str(local_path(name)))
     try:
         return loader.from_pretrained(name, local_files_only=True)
     except OSError:

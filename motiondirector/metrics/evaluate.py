@@ -12,8 +12,8 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from motiondirector.lora.package import atomic_write_bytes
 from motiondirector.metrics.clip_scores import ClipScorer, video_metrics
+from motiondirector.storage import atomic_write
 
 METRICS = ("clip_text_score", "temporal_consistency", "pickscore")
 
@@ -54,7 +54,7 @@ def evaluate_videos(videos_dir: str | Path, clip: ClipScorer, pickscore: ClipSco
         prompt = sidecar_prompt(video)
         row = {"video": video.name, "prompt": prompt, "frames": len(frames),
                **video_metrics(frames, prompt, clip, pickscore), "models": models}
-        atomic_write_bytes(out_dir / f"{video.stem}.json", json.dumps(row, indent=2).encode())
+        atomic_write(out_dir / f"{video.stem}.json", json.dumps(row, indent=2).encode())
         rows.append(row)
         if on_video is not None:
             on_video(done, len(videos))
@@ -64,5 +64,5 @@ def evaluate_videos(videos_dir: str | Path, clip: ClipScorer, pickscore: ClipSco
         means[metric] = {"mean": fmean(values) if values else None, "videos": len(values)}
     summary = {"videos_dir": str(videos_dir.resolve()), "videos": len(rows), "models": models, "metrics": means,
                "per_video": rows}
-    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary

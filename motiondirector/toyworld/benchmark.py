@@ -41,6 +41,7 @@ from motiondirector.toyworld.render import (
     Scene,
     render,
 )
+from motiondirector.train.guard import TrainingDiverged
 
 if TYPE_CHECKING:
     from motiondirector.config import TrainConfig
@@ -61,6 +62,8 @@ class BenchmarkSettings:
     rank: int = 16
     lr: float = 1e-3
     ad_beta: float = 1.0
+    high_share: float = 0.0  # timestep emphasis of the LoRA training (config `timesteps:`)
+    high_from: int = 800
     modes: tuple[str, ...] = MODES
     seed: int = 0
     sampling: SamplingSettings = field(default_factory=lambda: TOY_SAMPLING)
@@ -122,6 +125,7 @@ def train_config(settings: BenchmarkSettings, backbone: BackboneSpec, mode: str,
         # Reference configs: weight decay 1e-2 for one video, 1e-4 for several.
         "optimizer": {"lr": settings.lr, "weight_decay": 1e-2 if videos == 1 else 1e-4},
         "ad_beta": settings.ad_beta, "gradient_checkpointing": False, "checkpoint_every": 0,
+        "timesteps": {"high_share": settings.high_share, "high_from": settings.high_from},
         "log_every": 10, "validation": {"every": 0},
         "data": {"sources": [f"toyworld://{settings.motion}"], "caption": caption, "frames": sampling.frames,
                  "size": [sampling.height, sampling.width]},
@@ -159,21 +163,34 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
     write_gif(clips[0].frames, out / "reference.gif")
     rows, grids = [], {}
     base_result = None
+    progress = out / "rows.jsonl"  # one complete row per line as it is measured (a long run's partial results)
+    progress.write_text("")
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        with progress.open("a") as log:
+            log.write(json.dumps(row) + "\n")
+
     for videos in settings.videos:
         records = clip_records(backbone, clips[:videos])
         for mode in settings.modes:
             label = f"{videos} video{'s' if videos > 1 else ''}"
             if mode == "base" and base_result is not None:
-                rows.append({**base_result, "setting": label})
+                add({**base_result, "setting": label})
                 continue
             on_stage(f"{label}: {mode}")
             train_seconds = 0.0
             if mode == "base":
                 frames = generate_scenes(backbone, scenes, seeds, settings.sampling)
             else:
-                summary = train(train_config(settings, backbone, mode, videos, reference.caption),
-                                out / "runs" / f"{videos}v-{mode}", overwrite=True, backbone=backbone,
-                                records=records, progress=False)
+                try:
+                    summary = train(train_config(settings, backbone, mode, videos, reference.caption),
+                                    out / "runs" / f"{videos}v-{mode}", overwrite=True, backbone=backbone,
+                                    records=records)
+                except TrainingDiverged as diverged:  # a row that says so, not a lost benchmark
+                    on_stage(f"{label}: {mode}: {diverged}")
+                    add({"setting": label, "mode": mode, "diverged": str(diverged), "metrics": {}})
+                    continue
                 train_seconds = summary.seconds
                 with composed(backbone, _inference_choices(summary.packages, mode)):
                     frames = generate_scenes(backbone, scenes, seeds, settings.sampling)
@@ -182,10 +199,10 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
             for row in scores:
                 row["appearance"] = float(np.mean([row[a] for a in ATTRIBUTES]))
             result = {"setting": label, "mode": mode, "train_seconds": round(train_seconds, 1),
-                      "metrics": summarize(scores)}
+                      "metrics": summarize(scores), "samples": scores}
             if mode == "base":
                 base_result = result
-            rows.append(result)
+            add(result)
             grids.setdefault(label, []).append(frames[:4])
             write_gif(frames[0], out / "gifs" / f"{videos}v-{mode}.gif")
     for label, per_mode in grids.items():
@@ -199,18 +216,28 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
     return result
 
 
+MOTION_COLUMNS = (("motion_fidelity", "motion fidelity"), ("fidelity", "axes mean"), ("x_corr", "x corr."),
+                  ("y_corr", "y corr."), ("scale_corr", "scale corr."), ("distinct_corr", "distinctive corr."),
+                  ("distinct_amp", "distinctive amp."))
+
+
 def table_markdown(result: dict) -> str:
-    """Table-1-style markdown: one row per (setting, mode), mean ± 95% CI."""
-    lines = [f"Reference: \"{result['reference']}\"; {result['samples_per_mode']} samples per row "
-             f"(prompts asking for another colour, shape and background × seeds, the same noise in every row).", "",
-             "| setting | mode | appearance accuracy | motion fidelity | leakage (any) | "
-             + " | ".join(f"{a} acc." for a in ATTRIBUTES) + " | "
-             + " | ".join(f"{a} leak" for a in ATTRIBUTES) + " |",
-             "|---|---|---|---|---|" + "---|" * (2 * len(ATTRIBUTES))]
+    """Table-1-style markdown, mean ± 95% CI per (setting, mode): motion and appearance, then per attribute."""
+    header = (f"Reference: \"{result['reference']}\"; {result['samples_per_mode']} samples per row "
+              f"(prompts asking for another colour, shape and background × seeds, the same noise in every row).")
+    motion = ["| setting | mode | appearance accuracy | leakage (any) | " + " | ".join(c[1] for c in MOTION_COLUMNS)
+              + " |", "|---|---|---|---|" + "---|" * len(MOTION_COLUMNS)]
+    attributes = ["| setting | mode | " + " | ".join(f"{a} acc." for a in ATTRIBUTES) + " | "
+                  + " | ".join(f"{a} leak" for a in ATTRIBUTES) + " |", "|---|---|" + "---|" * (2 * len(ATTRIBUTES))]
     for row in result["rows"]:
-        m = row["metrics"]
-        cells = [format_cell(m["appearance"], True), format_cell(m["fidelity"], False),
-                 format_cell(m["leak_any"], True)]
-        cells += [format_cell(m[a], True) for a in ATTRIBUTES] + [format_cell(m[f"leak_{a}"], True) for a in ATTRIBUTES]
-        lines.append(f"| {row['setting']} | {row['mode']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        m, start = row["metrics"], f"| {row['setting']} | {row['mode']} | "
+        if "diverged" in row:
+            motion.append(start + "training diverged | " + " | ".join(["–"] * (1 + len(MOTION_COLUMNS))) + " |")
+            attributes.append(start + " | ".join(["–"] * (2 * len(ATTRIBUTES))) + " |")
+            continue
+        cells = [format_cell(m["appearance"], True), format_cell(m["leak_any"], True)]
+        cells += [format_cell(m[key], key == "leak_any") if key in m else "n/a" for key, _ in MOTION_COLUMNS]
+        motion.append(start + " | ".join(cells) + " |")
+        attributes.append(start + " | ".join([format_cell(m[a], True) for a in ATTRIBUTES]
+                                             + [format_cell(m[f"leak_{a}"], True) for a in ATTRIBUTES]) + " |")
+    return "\n".join([header, "", *motion, "", *attributes]) + "\n"

@@ -18,6 +18,7 @@ from motiondirector.toyworld.probes import (
     leakage_hits,
     mean_ci,
     motion_fidelity,
+    motion_scores,
     one_object_share,
     probe,
 )
@@ -45,7 +46,7 @@ def generate_scenes(backbone: BackboneSpec, scenes: Sequence[Scene], seeds: Sequ
     The noise of a seed does not depend on the batch or the model's LoRAs, so every mode of the
     benchmark starts from the same noise (as the paper compares).
     """
-    from motiondirector.generate import initial_noise
+    from motiondirector.noise_prior import initial_noise
 
     videos = []
     for start in range(0, len(scenes), batch):
@@ -59,10 +60,12 @@ def generate_scenes(backbone: BackboneSpec, scenes: Sequence[Scene], seeds: Sequ
 
 def score_sample(frames: torch.Tensor, asked: Scene, seed: int, reference: Scene | None = None,
                  reference_trajectory: np.ndarray | None = None) -> dict[str, float | bool | None]:
-    """Appearance hits per attribute, motion fidelity, the share of frames with exactly one object, and
+    """Appearance hits per attribute, motion scores, the share of frames with exactly one object, and
     (with a reference scene) leakage per attribute.
 
-    Fidelity compares with `reference_trajectory`, or else with a ground-truth render of `asked`.
+    Motion compares with `reference_trajectory`, or else with a ground-truth render of `asked`:
+    `fidelity` is the mean correlation over the moving signals; `motion_scores` adds the per-axis
+    correlations, the distinctive component and `motion_fidelity`, which weighs it (probes.py).
     """
     found = probe(frames)
     if reference_trajectory is None:
@@ -70,6 +73,7 @@ def score_sample(frames: torch.Tensor, asked: Scene, seed: int, reference: Scene
                                       seed=seed).trajectory
     scores: dict[str, float | bool | None] = dict(appearance_hits(found, asked))
     scores["fidelity"] = motion_fidelity(found.trajectory, reference_trajectory)
+    scores.update(motion_scores(found.trajectory, reference_trajectory))
     scores["one_object"] = one_object_share(frames)
     if reference is not None:
         scores.update({f"leak_{name}": hit for name, hit in leakage_hits(found, asked, reference).items()})

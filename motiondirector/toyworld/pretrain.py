@@ -15,9 +15,7 @@ import copy
 import io
 import json
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from motiondirector.backbones.tiny import TinyModelConfig, build_components, save_model_folder
-from motiondirector.lora.package import atomic_write_bytes
+from motiondirector.storage import atomic_write, staged_folder
 from motiondirector.toyworld.render import (
     HELD_OUT_MOTION,
     PRETRAIN_MOTIONS,
@@ -78,7 +76,7 @@ class PretrainSettings:
 def _atomic_torch_save(payload: dict, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())  # the system's one temp-name-then-rename writer
+    atomic_write(path, buffer.getvalue())  # the system's one temp-name-then-rename writer
 
 
 def _log(folder: Path, message: str, echo: Callable[[str], None]) -> None:
@@ -414,17 +412,10 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
 
 def export(components: dict, folder: Path, recipe: dict, extra: dict[str, dict] | None = None) -> Path:
     """Write the diffusers folder (plus `extra` JSON files) next to `folder`, then swap it in (never half-written)."""
-    staging = folder.with_name(folder.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_model_folder(components, staging, recipe=recipe)
-    for name, content in (extra or {}).items():
-        (staging / name).write_text(json.dumps(content, indent=2) + "\n")
-    previous = folder.with_name(folder.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, previous)
-    os.replace(staging, folder)
-    shutil.rmtree(previous, ignore_errors=True)
+    with staged_folder(folder, replace=True) as staging:
+        save_model_folder(components, staging, recipe=recipe)
+        for name, content in (extra or {}).items():
+            (staging / name).write_text(json.dumps(content, indent=2) + "\n")
     return folder
 
 
@@ -542,7 +533,7 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
         init_recipe = json.loads(init_recipe_path.read_text())
     else:
         init_recipe = json.loads((init / "recipe.json").read_text()) if (init / "recipe.json").exists() else {}
-        atomic_write_bytes(init_recipe_path, json.dumps(init_recipe, indent=2).encode())
+        atomic_write(init_recipe_path, json.dumps(init_recipe, indent=2).encode())
     components = load_model_components(init)
     components["scheduler"] = zero_snr_scheduler()
     vae, unet, text_encoder, scheduler = (components[k] for k in ("vae", "unet", "text_encoder", "scheduler"))

@@ -8,7 +8,6 @@ state, so a crash mid-write never yields a checkpoint that looks complete.
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ from motiondirector.lora.inject import adapter_state_dict, load_adapter_weights
 from motiondirector.lora.package import (
     Manifest,
     PackageError,
-    atomic_write_bytes,
     read_package,
     write_package,
 )
+from motiondirector.storage import atomic_write, staged_folder
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.plan import AdapterPlan, AdapterSpec
 
@@ -58,16 +57,13 @@ def write_checkpoint(layout: RunLayout, step: int, write_run_packages: Callable[
                      state: dict[str, Any]) -> Path:
     """checkpoints/step-<step>: the packages, then training_state.pt, then the rename that publishes it."""
     final = layout.checkpoint(step).root
-    temp = RunLayout(final.parent / f".{final.name}.tmp")
-    shutil.rmtree(temp.root, ignore_errors=True)
-    temp.root.mkdir(parents=True)
-    write_run_packages(temp)
-    buffer = io.BytesIO()
-    torch.save({"format": STATE_FORMAT, **state}, buffer)
-    atomic_write_bytes(temp.training_state, buffer.getvalue())
-    if final.exists():  # an older checkpoint of this step (a resumed run passing it again)
-        shutil.rmtree(final)
-    temp.root.rename(final)
+    # replace: an older checkpoint of this step (a resumed run passing it again) gives way
+    with staged_folder(final, replace=True) as staging:
+        temp = RunLayout(staging)
+        write_run_packages(temp)
+        buffer = io.BytesIO()
+        torch.save({"format": STATE_FORMAT, **state}, buffer)
+        atomic_write(temp.training_state, buffer.getvalue())
     return final
 
 

@@ -13,6 +13,14 @@ skips parameters whose `.grad` is None.
 gradient would read as zero and still move momentum and weight decay); each wraps a parameter-only
 module, receives the gradients through a surrogate loss Σ⟨p, g⟩ (whose gradient is exactly g) and
 is stepped only when its adapter has gradients. See docs/training.md.
+
+Data parallelism (train/ranks.py): every rank hands `step` the sum of its gradients over its draws
+and how many draws computed each adapter; every rank calls it every step. The update is the mean
+over all ranks' draws that computed the adapter, identical on every rank, and an adapter no draw of
+any rank computed is not stepped. `TorchEngine` all-reduces the gradients itself; `DeepSpeedEngine`
+all-reduces only the counts (and the fp16 overflow flag), steps every adapter some rank computed on
+every rank (zeros where a rank has none) and lets ZeRO average the gradients, pre-scaled so that
+its mean over ranks is the mean over the draws.
 """
 
 from __future__ import annotations
@@ -25,11 +33,14 @@ import torch
 from torch import nn
 
 from motiondirector.config import EngineSection, OptimizerSection
+from motiondirector.train.ranks import Ranks
 
 # {path: {adapter: parameters}}, e.g. {"spatial": {"spatial_0": [...]}, "temporal": {"temporal": [...]}}
 ParameterPaths = dict[str, dict[str, list[nn.Parameter]]]
 # {adapter: gradients of its parameters, in adapter_parameters order}
 AdapterGradients = dict[str, list[torch.Tensor]]
+# {adapter: how many draws computed its gradient}
+DrawCounts = dict[str, int]
 
 
 class LossScaler:
@@ -45,14 +56,23 @@ class LossScaler:
         """`grads` divided by the scale, or None (and a smaller scale) if any is inf/nan: skip the step."""
         if not self.enabled:
             return grads
-        if not all(bool(torch.isfinite(g).all()) for gs in grads.values() for g in gs):
+        scale = self.scale
+        if not self.record(all_finite(grads)):
+            return None
+        return {name: [g / scale for g in gs] for name, gs in grads.items()}
+
+    def record(self, finite: bool) -> bool:
+        """Adapt the scale to a step whose gradients were (not) all finite; returns whether to step."""
+        if not self.enabled:
+            return True
+        if not finite:
             self.scale /= 2.0
             self.good_steps = 0
-            return None
+            return False
         self.good_steps += 1
         if self.good_steps % self.growth_interval == 0:
             self.scale *= 2.0
-        return {name: [g / self.scale for g in gs] for name, gs in grads.items()}
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "good_steps": self.good_steps}
@@ -61,25 +81,64 @@ class LossScaler:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
+def all_finite(grads: AdapterGradients) -> bool:
+    return all(bool(torch.isfinite(g).all()) for gs in grads.values() for g in gs)
+
+
 class Engine(Protocol):
     """What the loop needs: optimizers for the adapters, a loss scale, a step, (re)stored state."""
 
     scaler: LossScaler  # losses are multiplied by scaler.scale before differentiation
 
-    def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool) -> None: ...
+    def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool,
+                ranks: Ranks = Ranks()) -> None: ...
 
-    def step(self, grads: AdapterGradients) -> list[str]:
-        """Update exactly the adapters in `grads` (scaled gradients of their own losses); returns the
-        names updated (none when the fp16 loss scale overflowed)."""
+    def step(self, grads: AdapterGradients, counts: DrawCounts | None = None) -> list[str]:
+        """Update the adapters some draw of some rank computed, with the mean of their (scaled) gradients.
+
+        `grads`: this rank's sum over its draws per adapter; `counts`: how many of its draws computed
+        each (None: one each). Called by every rank every step; returns the names updated, the same
+        on every rank (none when the fp16 loss scale overflowed).
+        """
         ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state to checkpoint; called by every rank (it may gather), kept from rank 0."""
+        ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()` (rank 0's, given to every rank)."""
+        ...
 
 
 def flat_groups(paths: ParameterPaths) -> dict[str, list[nn.Parameter]]:
     return {adapter: params for adapters in paths.values() for adapter, params in adapters.items()}
+
+
+def sum_over_ranks(grads: AdapterGradients, counts: DrawCounts, groups: dict[str, list[nn.Parameter]],
+                   ranks: Ranks) -> tuple[AdapterGradients, DrawCounts]:
+    """Every rank's gradient sums and draw counts summed over the ranks, in one all-reduce.
+
+    A rank without an adapter's gradient adds zeros; adapters no rank computed are left out.
+    """
+    if not ranks.distributed:
+        return grads, counts
+    names = list(groups)  # the plan's order, the same on every rank
+    device = groups[names[0]][0].device
+    pieces = [grad.reshape(-1).float() for adapter in names
+              for grad in grads.get(adapter, [torch.zeros(p.numel(), device=device) for p in groups[adapter]])]
+    pieces.append(torch.tensor([float(counts.get(adapter, 0)) for adapter in names], device=device))
+    flat = ranks.all_reduce(torch.cat(pieces))
+    totals = [round(value) for value in flat[-len(names):].tolist()]
+    summed, offset = {}, 0
+    for adapter, total in zip(names, totals, strict=True):
+        views = []
+        for param in groups[adapter]:
+            views.append(flat[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+        if total:
+            summed[adapter] = views
+    return summed, {adapter: total for adapter, total in zip(names, totals, strict=True) if total}
 
 
 class TorchEngine:
@@ -90,9 +149,12 @@ class TorchEngine:
         self.optimizers: dict[str, torch.optim.AdamW] = {}
         self.path_of: dict[str, str] = {}
         self.scaler = LossScaler(False)
+        self.ranks = Ranks()
 
-    def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool) -> None:
+    def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool,
+                ranks: Ranks = Ranks()) -> None:
         self.groups = flat_groups(paths)
+        self.ranks = ranks
         self.path_of = {adapter: path for path, adapters in paths.items() for adapter in adapters}
         self.scaler = LossScaler(fp16_loss_scaling)
         self.optimizers = {
@@ -102,8 +164,11 @@ class TorchEngine:
             for path, adapters in paths.items()
         }
 
-    def step(self, grads: AdapterGradients) -> list[str]:
-        grads = self.scaler.unscale(grads)
+    def step(self, grads: AdapterGradients, counts: DrawCounts | None = None) -> list[str]:
+        grads, counts = sum_over_ranks(grads, counts or dict.fromkeys(grads, 1), self.groups, self.ranks)
+        # The mean over the draws; an inf/nan of any rank reached every rank through the sum.
+        grads = self.scaler.unscale({adapter: gs if counts[adapter] == 1 else [g / counts[adapter] for g in gs]
+                                     for adapter, gs in grads.items()})
         if grads is None:
             return []
         for adapter, adapter_grads in grads.items():
@@ -171,6 +236,7 @@ class DeepSpeedEngine:
         self.groups: dict[str, list[nn.Parameter]] = {}
         self.engines: dict[str, Any] = {}
         self.scaler = LossScaler(False)
+        self.ranks = Ranks()
 
     def _config(self, optimizer: OptimizerSection) -> dict[str, Any]:
         return {
@@ -185,11 +251,13 @@ class DeepSpeedEngine:
                 "weight_decay": optimizer.weight_decay, "torch_adam": True}},
         }
 
-    def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool) -> None:
+    def prepare(self, paths: ParameterPaths, optimizer: OptimizerSection, fp16_loss_scaling: bool,
+                ranks: Ranks = Ranks()) -> None:
         import deepspeed
 
         ensure_distributed()
         self.groups = flat_groups(paths)
+        self.ranks = ranks
         self.scaler = LossScaler(fp16_loss_scaling)
         config = self._config(optimizer)
         for adapter, params in self.groups.items():
@@ -197,30 +265,49 @@ class DeepSpeedEngine:
                                               config=config)
             self.engines[adapter] = engine
 
-    def step(self, grads: AdapterGradients) -> list[str]:
-        grads = self.scaler.unscale(grads)
-        if grads is None:
+    def step(self, grads: AdapterGradients, counts: DrawCounts | None = None) -> list[str]:
+        counts = counts or dict.fromkeys(grads, 1)
+        finite = not self.scaler.enabled or all_finite(grads)
+        if self.ranks.distributed:
+            # Which adapters some rank computed, and whether any rank overflowed, agreed by all ranks:
+            # they must call backward/step on the same DeepSpeed engines (collectives inside).
+            names = list(self.groups)
+            totals = self.ranks.all_reduce(torch.tensor([float(counts.get(a, 0)) for a in names] + [float(not finite)]))
+            counts = {a: round(n) for a, n in zip(names, totals[:-1].tolist(), strict=True) if round(n)}
+            finite = float(totals[-1]) == 0
+        scale = self.scaler.scale
+        if not self.scaler.record(finite):
             return []
-        for adapter, adapter_grads in grads.items():
+        for adapter, total in counts.items():
+            params = self.groups[adapter]
+            local = grads.get(adapter) or [torch.zeros_like(p) for p in params]
+            # ZeRO averages over the ranks: pre-scaled, that average is the mean over the draws.
+            factor = self.ranks.world_size / (total * scale)
             engine = self.engines[adapter]
-            surrogate = sum((p * g).sum() for p, g in zip(self.groups[adapter], adapter_grads, strict=True))
-            engine.backward(surrogate)
+            engine.backward(sum((p * (g * factor)).sum() for p, g in zip(params, local, strict=True)))
             engine.step()
-        return sorted(grads)
+        return sorted(counts)
 
     def state_dict(self) -> dict[str, Any]:
+        """ZeRO partitions the optimizer state over the ranks: every rank's partition, gathered."""
         optimizers = {}
         for adapter, engine in self.engines.items():
             state = engine.optimizer.state_dict()
-            optimizers[adapter] = {key: state[key] for key in _ZERO_STATE_KEYS if key in state}
-            optimizers[adapter]["global_steps"] = engine.global_steps
+            own = {key: state[key] for key in _ZERO_STATE_KEYS if key in state}
+            optimizers[adapter] = {"global_steps": engine.global_steps, "partitions": self.ranks.gather(own)}
         return {"optimizers": optimizers, "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for adapter, engine in self.engines.items():
-            saved = dict(state["optimizers"][adapter])
-            engine.global_steps = saved.pop("global_steps")
-            engine.optimizer.load_state_dict([saved], load_optimizer_states=True, load_from_fp32_weights=True)
+            saved = state["optimizers"][adapter]
+            # Checkpoints from before data parallelism hold the one partition of a world of one.
+            partitions = saved.get("partitions") or [{k: v for k, v in saved.items() if k != "global_steps"}]
+            if len(partitions) != self.ranks.world_size:
+                raise ValueError(f"the checkpoint's DeepSpeed state was written by {len(partitions)} ranks; "
+                                 f"resume it with {len(partitions)}, not {self.ranks.world_size}")
+            engine.global_steps = saved["global_steps"]
+            # DeepSpeed takes every rank's partition and loads its own (by its data-parallel rank).
+            engine.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
         self.scaler.load_state_dict(state["scaler"])
 
 

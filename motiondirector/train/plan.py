@@ -76,7 +76,8 @@ def _routing_key(routing: str, position: int, record: CacheRecord) -> int:
 
 
 def plan_adapters(config: TrainConfig, records: list[CacheRecord], backbone: BackboneSpec) -> AdapterPlan:
-    routing = config.routing(images=all(r.is_image for r in records))
+    images = all(r.is_image for r in records)
+    routing = config.routing(images)
     keys = [_routing_key(routing, position, record) for position, record in enumerate(records)]
     index_of = {key: k for k, key in enumerate(sorted(set(keys)))}
     spatial_of_record = tuple(index_of[key] for key in keys)
@@ -86,7 +87,7 @@ def plan_adapters(config: TrainConfig, records: list[CacheRecord], backbone: Bac
                     tuple(p for p, owner in enumerate(spatial_of_record) if owner == k))
         for k in range(len(index_of)))
     temporal = None
-    if config.mode != "spatial_only":
+    if config.mode_for(images) != "spatial_only":
         temporal = AdapterSpec(TEMPORAL, "temporal", None, tuple(backbone.temporal_lora_targets()),
                                tuple(range(len(records))))
     return AdapterPlan(routing, spatial, temporal, spatial_of_record)

@@ -1,8 +1,8 @@
 """One training step's randomness, forward and backward passes: the dual-path step of method.md.
 
-All randomness of a step comes from one CPU `torch.Generator`, drawn in a fixed order whatever the
+All randomness of a draw comes from one CPU `torch.Generator`, drawn in a fixed order whatever the
 mode, so a run is reproducible from (seed, generator state) and independent of the device. LoRA
-dropout uses torch's global RNG, which the loop seeds and checkpoints.
+dropout uses torch's global RNG, which the loop reseeds before every draw (train/ranks.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from motiondirector.data.records import CacheRecord
 from motiondirector.lora.inject import Router
 from motiondirector.losses import appearance_debiased_loss, spatial_loss, temporal_loss_org
 from motiondirector.train.engine import AdapterGradients
+from motiondirector.train.guard import TimestepSampler
 from motiondirector.train.plan import TEMPORAL, AdapterPlan
 
 
@@ -50,11 +51,13 @@ class StepDraw:
 
 
 def draw_step(generator: torch.Generator, shapes: list[tuple[int, ...]], num_timesteps: int,
-              skip_probability: float, weights: torch.Tensor | None = None) -> StepDraw:
+              skip_probability: float, weights: torch.Tensor | None = None, *,
+              timesteps: TimestepSampler | None = None) -> StepDraw:
     """Everything random about one step, always drawn in the same order.
 
     `weights` (one per record, e.g. an image's flipped copy drawn with the hflip probability) make
-    the record draw non-uniform; None draws uniformly.
+    the record draw non-uniform; None draws uniformly. `timesteps` draws t (e.g. with emphasis on
+    high timesteps); None draws it uniformly from [0, num_timesteps).
     """
     def integer(high: int) -> int:
         return int(torch.randint(high, (1,), generator=generator))
@@ -63,7 +66,7 @@ def draw_step(generator: torch.Generator, shapes: list[tuple[int, ...]], num_tim
     shape = shapes[record]
     latent_noise = torch.randn(shape, generator=generator)
     noise = torch.randn(shape, generator=generator)
-    timestep = integer(num_timesteps)
+    timestep = timesteps.draw(generator) if timesteps is not None else integer(num_timesteps)
     skip = bool(torch.rand((), generator=generator) < skip_probability)
     frames = shape[2]
     return StepDraw(record, latent_noise, noise, timestep, skip, frame=integer(frames), anchor=integer(frames))

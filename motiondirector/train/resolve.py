@@ -8,8 +8,10 @@ A reference is one of
     RUN@step-<n>        the same inside checkpoint n (RUN@step-<n>/spatial/<k> for one of several)
     ID                  a catalog entry, when a catalog is given (anything that is not a local path)
 
-Only the folder is chosen here; whether its kind and base fit is checked when it is loaded
-(`package.check_compatible`), so the message can name both the package and the model.
+It lives with the run-folder layout (train/layout.py) because RUN and RUN@step-<n> are that layout;
+packages alone (lora/) know nothing of runs. Only the folder is chosen here; whether its kind and
+base fit is checked when it is loaded (`package.check_compatible`), so the message can name both
+the package and the model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from motiondirector.lora.package import MANIFEST, LoraKind, PackageError
+from motiondirector.storage import local_path
 from motiondirector.train.layout import RunLayout, split_reference
 
 _ROLE = {"temporal": "--motion", "spatial": "--appearance"}
@@ -56,14 +59,14 @@ def resolve_lora(reference: str | Path, kind: LoraKind, catalog: LoraCatalog | N
 def _split_checkpoint(text: str) -> tuple[Path, int | None, str]:
     """`RUN@step-<n>[/spatial/<k>]` -> (RUN, n, 'spatial/<k>'); anything else -> (path, None, '')."""
     if "@" not in text:
-        return Path(text).expanduser(), None, ""
+        return local_path(text), None, ""
     head, _, tail = text.rpartition("@")
     step_part, _, inner = tail.partition("/")
     try:
         run, step = split_reference(f"{head}@{step_part}")
     except ValueError as error:
         raise PackageError(str(error)) from None
-    return run.expanduser(), step, inner
+    return local_path(run), step, inner
 
 
 def _package_in_run(run: RunLayout, kind: LoraKind, text: str) -> Path:
