@@ -158,7 +158,7 @@ def steerability(backbone: BackboneSpec, settings: DiagnoseSettings, out: Path) 
     bench = BenchmarkSettings(motion=scene.motion, steps=settings.steer_steps, rank=settings.steer_rank,
                               lr=settings.steer_lr, seed=settings.seed, sampling=sampling)
     summary = train(train_config(bench, backbone, settings.steer_mode, 1, scene.caption), out / "steer-run",
-                    overwrite=True, backbone=backbone, records=clip_records(backbone, [clip]), progress=False)
+                    overwrite=True, backbone=backbone, records=clip_records(backbone, [clip]))
     seeds = [_SEED_OFFSET + 2000 + i for i in range(settings.steer_seeds)]
     scenes = [scene] * len(seeds)
     base = generate_scenes(backbone, scenes, seeds, sampling)
