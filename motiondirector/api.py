@@ -12,72 +12,71 @@ they depend on is this page (docs/api.md has a runnable walk-through):
                           motions=[api.LoraChoice(reference="runs/zigzag")], seed=0), backbone=backbone)
     api.save_video(videos[0], "out/")                         # mp4 + gif + png + sidecar JSON
 
-Importing this module loads torch and diffusers; callers that must start fast import it lazily.
+Importing this module is cheap: each name loads its module on first use (PEP 562), so the fast
+catalog commands and the heavy training commands share one surface. `tests/test_api.py` checks that
+every listed name resolves.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from motiondirector.animate import animate, image_appearance
-from motiondirector.backbones import (
-    BackboneSpec,
-    ModelDefaults,
-    ModelNotAvailableError,
-    ModelTooLargeError,
-    defaults_for,
-    load_backbone,
-    resolve_device,
-)
-from motiondirector.catalog import (
-    Catalog,
-    CatalogOnDemand,
-    CorruptEntryError,
-    InvalidIdError,
-    UnknownEntryError,
-    register_run,
-    validate_id,
-)
-from motiondirector.config import ConfigError, TrainConfig, apply_overrides, load_config, validate_config
-from motiondirector.events import (
-    CheckpointWritten,
-    Event,
-    Observer,
-    Progress,
-    Recorder,
-    TrainFinished,
-    TrainStarted,
-    TrainStep,
-    ValidationSample,
-)
-from motiondirector.generate import (
-    GeneratedVideo,
-    GenerationParams,
-    LoraChoice,
-    package_base,
-    read_sidecar,
-    replay,
-    save_video,
-    save_videos,
-    validated_params,
-)
-from motiondirector.generate import generate as generate
-from motiondirector.lora.package import Manifest, PackageError
-from motiondirector.train.layout import RunLayout
-from motiondirector.train.loop import RunFolderError, RunSummary, TrainingInterrupted, train
+if TYPE_CHECKING:  # for the annotations of the functions defined here
+    from motiondirector.catalog import Catalog
+    from motiondirector.config import TrainConfig
+    from motiondirector.lora.package import Manifest
+    from motiondirector.train.loop import RunSummary
 
-__all__ = [
-    "BackboneSpec", "Catalog", "CatalogOnDemand", "CheckpointWritten", "ConfigError", "CorruptEntryError", "Event",
-    "GeneratedVideo", "GenerationParams", "InvalidIdError", "LoraChoice", "Manifest", "ModelDefaults",
-    "ModelNotAvailableError", "ModelTooLargeError", "Observer", "PackageError", "Progress", "Recorder",
-    "RegistrationError", "RunFolderError", "RunSummary", "TrainConfig", "TrainFinished", "TrainStarted",
-    "TrainStep", "TrainingInterrupted", "UnknownEntryError", "ValidationSample", "animate", "apply_overrides",
-    "defaults_for", "generate", "image_appearance", "load_backbone", "load_config", "open_catalog",
-    "package_base", "read_sidecar", "register_run", "replay", "resolve_device", "save_video", "save_videos",
-    "train", "train_and_register", "validate_config", "validate_id", "validated_params",
-]
+# name -> the module that defines it, grouped by module.
+_MODULES: dict[str, tuple[str, ...]] = {
+    "motiondirector.animate": ("animate", "image_appearance"),
+    "motiondirector.backbones": ("defaults_for", "load_backbone", "resolve_device"),
+    "motiondirector.backbones.base": ("BackboneSpec", "ModelNotAvailableError", "ModelTooLargeError"),
+    "motiondirector.backbones.defaults": ("ModelDefaults",),
+    "motiondirector.backbones.tiny": ("write_tiny_model",),
+    "motiondirector.catalog": ("Catalog", "CatalogOnDemand", "CorruptEntryError", "InvalidIdError", "Page", "UnknownEntryError", "is_run_folder", "register_run", "validate_id"),
+    "motiondirector.config": ("ConfigError", "TrainConfig", "apply_overrides", "load_config", "validate_config"),
+    "motiondirector.data.cache": ("clear_cache", "list_cache"),
+    "motiondirector.data.errors": ("DataError",),
+    "motiondirector.data.ingest_plan": ("ClipWork", "RowIndex", "build_records", "decode_works", "plan_works"),
+    "motiondirector.data.ingest_read": ("prune", "read_ingested", "read_rejects"),
+    "motiondirector.data.ingest_spec": ("IngestDataset", "IngestSpec", "load_ingest_spec"),
+    "motiondirector.data.ingest_store": ("DataFile", "DatasetState", "IngestStore", "LiveClip", "Reject", "new_run_id", "write_records"),
+    "motiondirector.data.records": ("CacheRecord",),
+    "motiondirector.data.sources": ("DatasetSpec", "SourceItem", "list_items"),
+    "motiondirector.errors": ("describe_validation_error",),
+    "motiondirector.events": ("CheckpointWritten", "Event", "Observer", "Progress", "Recorder", "TrainFinished", "TrainStarted", "TrainStep", "ValidationSample", "emit"),
+    "motiondirector.generate": ("GeneratedVideo", "GenerationParams", "HeldComposition", "LoraChoice", "generate", "generate_batch", "package_base", "read_sidecar", "replay", "save_video", "save_videos", "validated_params"),
+    "motiondirector.lora.interop": ("export_kohya", "export_merged", "import_kohya", "import_reference"),
+    "motiondirector.lora.package": ("Manifest", "PackageError", "read_package"),
+    "motiondirector.lora.targets": ("target_summary",),
+    "motiondirector.metrics.clip_scores": ("DEFAULT_PICKSCORE", "DEFAULT_PICKSCORE_PROCESSOR", "ClipScorer"),
+    "motiondirector.metrics.evaluate": ("METRICS", "evaluate_videos"),
+    "motiondirector.storage": ("atomic_write", "cache_root", "publish", "sha256_file"),
+    "motiondirector.train.guard": ("TrainingDiverged",),
+    "motiondirector.train.layout": ("RunLayout",),
+    "motiondirector.train.loop": ("RunFolderError", "RunSummary", "TrainingInterrupted", "train"),
+    "motiondirector.video_io": ("write_gif", "write_grid_png", "write_video"),
+}
+_SOURCE = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = sorted([*_SOURCE, "RegistrationError", "open_catalog", "train_and_register"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _SOURCE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'motiondirector.api' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
 
 
 class RegistrationError(RuntimeError):
@@ -91,6 +90,8 @@ class RegistrationError(RuntimeError):
 
 def open_catalog(uri: str | None = None) -> Catalog:
     """The catalog at `uri` (any fsspec URI); None: $MOTIONDIRECTOR_CATALOG or the default root."""
+    from motiondirector.catalog import Catalog
+
     return Catalog(uri)
 
 
@@ -103,6 +104,10 @@ def train_and_register(config: TrainConfig, out_dir: str | Path, catalog: Catalo
     registers (other ranks of a data-parallel run get an empty list). Raises RegistrationError,
     keeping the trained run, when the catalog write fails.
     """
+    from motiondirector.catalog import Catalog, register_run
+    from motiondirector.train.layout import RunLayout
+    from motiondirector.train.loop import train
+
     summary = train(config, out_dir, **train_kwargs)
     if catalog is None or not RunLayout(Path(summary.out_dir)).summary.is_file():
         return summary, []

@@ -21,7 +21,8 @@ def _root() -> None:
     """MotionDirector: customize the motion of text-to-video diffusion models."""
 
 
-_COMMAND_MODULES = ("targets", "generate", "lora", "evaluate", "animate", "cache", "toyworld", "demo", "catalog", "ingest", "train")
+_COMMAND_MODULES = ("targets", "generate", "lora", "evaluate", "animate", "cache", "toyworld", "demo", "catalog",
+                    "ingest", "train", "train_batch", "serve")
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"motiondirector.commands.{_name}").register(app)

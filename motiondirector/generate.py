@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,12 +25,9 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.backbones.defaults import ModelDefaults
-from motiondirector.data.records import fingerprint
 from motiondirector.errors import describe_validation_error
 from motiondirector.events import Observer, progress_callback
 from motiondirector.lora import inject
@@ -43,12 +39,12 @@ from motiondirector.lora.package import (
     Manifest,
     PackageError,
 )
-from motiondirector.sample import SamplingSettings, ddim_invert, latent_shape, sample_videos
-from motiondirector.storage import atomic_write, cache_root, local_path, sha256_file
+from motiondirector.noise_prior import initial_noise, noise_prior_latents
+from motiondirector.sample import SamplingSettings, latent_shape, sample_videos
+from motiondirector.storage import atomic_write, local_path, sha256_file
 from motiondirector.train.resolve import LoraCatalog, resolve_lora
 
 SIDECAR_SCHEMA_VERSION = 1
-NOISE_PRIOR_INVERSION_STEPS = 50
 _ROLES: dict[str, LoraKind] = {"motion": "temporal", "appearance": "spatial"}
 _DEFAULTED = ("steps", "guidance", "frames", "height", "width", "fps")
 
@@ -184,60 +180,6 @@ def composed(backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *, f
             inject.remove_adapter(unet, lora.name)
 
 
-# --- noise prior ------------------------------------------------------------------------------
-
-def reference_clip(video: str | Path, frames: int, size: tuple[int, int], fps: float) -> tuple[torch.Tensor, str]:
-    """The first `frames` frames of `video` sampled at `fps` and fitted to `size`: (1, F, H, W, 3) uint8.
-
-    Returns the frames and their fingerprint (content hash, frame indices, size, crop).
-    """
-    from motiondirector.data.clips import ClipPolicy, fit_frames, plan_clips
-    from motiondirector.data.video import content_hash, probe_video, read_frames
-
-    path = str(video)
-    indices = plan_clips(probe_video(path), ClipPolicy(frames=frames, fps=fps))[0]
-    pixels = fit_frames(read_frames(path, indices), size, crop="center")
-    identity = fingerprint("reference-clip", content_hash(path), indices, list(size), "center")
-    return torch.from_numpy(pixels).unsqueeze(0), identity
-
-
-def noise_prior_latents(backbone: BackboneSpec, video: str | Path, params: GenerationParams, *,
-                        cache_dir: str | Path | None = None,
-                        on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """z_inv (1, C, F, h, w): 50-step DDIM inversion of the reference clip with an empty prompt.
-
-    Inverted with the base model alone (no adapters), so the result only depends on the clip and
-    the base and is cached under the cache root by their fingerprint.
-    """
-    params = params.with_defaults(backbone.defaults)
-    clip, clip_id = reference_clip(video, params.frames, (params.height, params.width), params.fps)
-    key = fingerprint("noise-prior", clip_id, backbone.model_id, backbone.architecture_fingerprint,
-                      backbone.vae_id, NOISE_PRIOR_INVERSION_STEPS)
-    cached = cache_root(cache_dir) / "noise_prior" / f"{key}.safetensors"
-    if cached.is_file():
-        return load_file(str(cached))["z_inv"]
-    # The posterior mean, not a sample: the prior must not depend on a random draw.
-    latents = backbone.encode_video(clip).mean * backbone.latent_scaling_factor
-    with inject.active(backbone.unet, []):
-        inverted = ddim_invert(backbone, latents, steps=NOISE_PRIOR_INVERSION_STEPS, on_step=on_step)
-    inverted = inverted.float().cpu().contiguous()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cached, safetensors_bytes({"z_inv": inverted}, metadata={"video": str(video)}))
-    return inverted
-
-
-def initial_noise(backbone: BackboneSpec, settings: SamplingSettings, seed: int,
-                  prior: torch.Tensor | None = None, prior_strength: float = 0.0) -> torch.Tensor:
-    """N(0, I) from a CPU generator seeded with `seed`, mixed with the prior: sqrt(p)·z_inv + sqrt(1−p)·ε."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(latent_shape(backbone, settings, 1), generator=generator, dtype=torch.float32)
-    if prior is None or prior_strength == 0:
-        return noise
-    if tuple(prior.shape) != tuple(noise.shape):
-        raise ValueError(f"noise prior has shape {tuple(prior.shape)}, the videos need {tuple(noise.shape)}")
-    return math.sqrt(prior_strength) * prior.float() + math.sqrt(1.0 - prior_strength) * noise
-
-
 # --- generation -------------------------------------------------------------------------------
 
 def slugify(text: str, limit: int = 40) -> str:
@@ -270,7 +212,8 @@ def generate(params: GenerationParams, *, backbone: BackboneSpec | None = None,
     latent_shape(backbone, settings, 1)  # refuse a bad size before any work
     prior = None
     if params.noise_prior > 0:
-        prior = noise_prior_latents(backbone, params.reference_video, params, cache_dir=cache_dir,
+        prior = noise_prior_latents(backbone, params.reference_video, frames=params.frames,
+                                    size=(params.height, params.width), fps=params.fps, cache_dir=cache_dir,
                                     on_step=progress_callback(observers, "noise_prior"))
     videos = []
     with composed(backbone, params.choices(), fuse=params.fuse, catalog=catalog) as applied:
@@ -286,6 +229,76 @@ def generate(params: GenerationParams, *, backbone: BackboneSpec | None = None,
                                seconds=time.perf_counter() - started)
             videos.append(GeneratedVideo(index, prompt, video_seed, frames, sidecar))
     return videos
+
+
+# Fields a batch's items must share (everything but the prompt, the seed and the output index).
+_PER_VIDEO = {"prompts", "seed", "first_index"}
+
+
+class HeldComposition:
+    """A LoRA set applied to a backbone and kept applied until `close()` (a server keeps one between batches).
+
+    The same packages at the same scales as `composed(backbone, choices)`, entered once: requests for
+    this set then skip adapter injection (`generate_batch(..., composition=held)`). Closing hands the
+    backbone back as it was. One at a time per backbone: the model is modified in place.
+    """
+
+    def __init__(self, backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *,
+                 catalog: LoraCatalog | None = None) -> None:
+        self.backbone = backbone
+        self.choices = [(role, choice.model_copy()) for role, choice in choices]
+        self._stack = contextlib.ExitStack()
+        self.applied: list[AppliedLora] = self._stack.enter_context(composed(backbone, self.choices, catalog=catalog))
+
+    def matches(self, choices: list[tuple[str, LoraChoice]]) -> bool:
+        return [(role, c.model_dump()) for role, c in choices] == [(role, c.model_dump()) for role, c in self.choices]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def generate_batch(items: Sequence[GenerationParams], *, backbone: BackboneSpec,
+                   catalog: LoraCatalog | None = None, observers: Sequence[Observer] = (),
+                   composition: HeldComposition | None = None) -> list[GeneratedVideo]:
+    """One video per item, sampled together in one sampler call (what a server batches).
+
+    Items have one prompt each and must share everything else but the seed (LoRAs and scales,
+    sampling settings, negative prompt; no noise prior). Each video's initial noise comes from its
+    own seed exactly as in `generate`, so a batch of one is `generate` bit for bit; larger batches
+    match it up to float rounding of the batched kernels. Progress: phase "sample", label "N videos".
+    `composition`: the items' LoRA set, already applied and held (it must match them; no fuse).
+    """
+    if not items:
+        return []
+    items = [item.with_defaults(backbone.defaults) for item in items]
+    first = items[0]
+    shared = first.model_dump(exclude=_PER_VIDEO)
+    for position, item in enumerate(items):
+        if len(item.prompts) != 1:
+            raise ValueError(f"batch item {position}: one prompt per item, got {len(item.prompts)}")
+        if item.noise_prior > 0:
+            raise ValueError(f"batch item {position}: the noise prior is not batched; use generate()")
+        if item.model_dump(exclude=_PER_VIDEO) != shared:
+            raise ValueError(f"batch item {position}: differs from item 0 in LoRAs or sampling settings")
+    seeds = [item.seed if item.seed is not None else secrets.randbelow(2**31) for item in items]
+    settings = first.sampling
+    latent_shape(backbone, settings, 1)  # refuse a bad size before any work
+    if composition is not None:
+        if composition.backbone is not backbone or first.fuse or not composition.matches(first.choices()):
+            raise ValueError("the held composition is not the items' LoRA set on this backbone (or fuse is asked)")
+        context: contextlib.AbstractContextManager[list[AppliedLora]] = contextlib.nullcontext(composition.applied)
+    else:
+        context = composed(backbone, first.choices(), fuse=first.fuse, catalog=catalog)
+    with context as applied:
+        started = time.perf_counter()
+        noise = torch.cat([initial_noise(backbone, settings, seed) for seed in seeds])
+        frames = sample_videos(backbone, [item.prompts[0] for item in items], settings, initial_noise=noise,
+                               negative_prompt=first.negative_prompt,
+                               on_step=progress_callback(observers, "sample", f"{len(items)} videos")).cpu()
+        seconds = time.perf_counter() - started
+        return [GeneratedVideo(item.first_index, item.prompts[0], seed, frames[position],
+                               _sidecar(item.first_index, item.prompts[0], seed, item, applied, backbone, seconds))
+                for position, (item, seed) in enumerate(zip(items, seeds, strict=True))]
 
 
 def _sidecar(index: int, prompt: str, seed: int, params: GenerationParams, applied: list[AppliedLora],

@@ -26,21 +26,27 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 from ray.exceptions import RayTaskError
 
-from motiondirector.data.errors import DataError
-from motiondirector.data.ingest_plan import ClipWork, RowIndex, build_records, decode_works, plan_works
-from motiondirector.data.ingest_read import prune
-from motiondirector.data.ingest_spec import IngestDataset, IngestSpec
-from motiondirector.data.ingest_store import (
+from motiondirector.api import (
+    CacheRecord,
+    ClipWork,
+    DataError,
     DataFile,
     DatasetState,
+    IngestDataset,
+    IngestSpec,
     IngestStore,
     LiveClip,
     Reject,
+    RowIndex,
+    SourceItem,
+    build_records,
+    decode_works,
+    list_items,
     new_run_id,
+    plan_works,
+    prune,
     write_records,
 )
-from motiondirector.data.records import CacheRecord
-from motiondirector.data.sources import SourceItem, list_items
 
 # Row statuses between stages; the payload column holds the pickled object.
 WORK, ENCODED, REUSED, KEPT, REJECTED = "work", "encoded", "reused", "kept", "rejected"
@@ -109,9 +115,13 @@ def _decode(row: dict[str, Any]) -> list[dict[str, Any]]:
 class _Encoder:
     """Actor: loads the base model once, turns batches of works into records; rejects pass through."""
 
-    def __init__(self, base: str, device: str, output: str, batch_size: int) -> None:
-        from motiondirector.backbones import load_backbone
+    def __init__(self, base: str, device: str, output: str, batch_size: int, threads: int | None = None) -> None:
+        from motiondirector.api import load_backbone
 
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         self.backbone = load_backbone(base, device)
         self.fs = IngestStore(output).fs
         self.batch_size = batch_size
@@ -167,7 +177,7 @@ class _RunSink(Datasink):
 @ray.remote
 def _encoder_ids(base: str, device: str) -> tuple[str, str]:
     """The ids the actors will fingerprint with (they depend on the device's dtype), for the CPU stage."""
-    from motiondirector.backbones import load_backbone
+    from motiondirector.api import load_backbone
 
     backbone = load_backbone(base, device)
     return backbone.vae_id, backbone.text_encoder_id
@@ -221,16 +231,22 @@ def _run_group(spec: IngestSpec, base: str, datasets: list[IngestDataset], items
     if not builds:
         return result
     # Decode tasks stream into the encoder actors, so decoding overlaps encoding.
+    # One block (= one decode task) per `files_per_decode_task` files: fewer, longer tasks when files are small.
+    blocks = -(-len(builds) // spec.files_per_decode_task)
     pipeline = ray.data.from_items([{"dataset": dataset, "payload": pickle.dumps(works)}
                                     for (dataset, _), works in builds.items()],
-                                   override_num_blocks=len(builds)).flat_map(_decode)
+                                   override_num_blocks=blocks).flat_map(
+        _decode, **({"num_cpus": spec.decode_cpus} if spec.decode_cpus is not None else {}))
     actor_options: dict[str, Any] = {"num_gpus": num_gpus}
+    if spec.encoder_cpus is not None:
+        actor_options["num_cpus"] = spec.encoder_cpus
     if spec.encoder_memory_gib:
         actor_options["memory"] = int(spec.encoder_memory_gib * 2**30)
     pipeline = pipeline.map_batches(
         _Encoder, compute=ray.data.ActorPoolStrategy(size=spec.encoders), batch_size=spec.batch_size,
         batch_format="numpy", fn_constructor_kwargs={"base": base, "device": spec.device, "output": spec.output,
-                                                     "batch_size": spec.batch_size}, **actor_options)
+                                                     "batch_size": spec.batch_size, "threads": spec.encoder_threads},
+        **actor_options)
     sink = _RunSink(str(spec.output), folder)
     pipeline.write_datasink(sink)
     for returned in sink.returns:

@@ -54,8 +54,43 @@ def ray_local():
     if ray.is_initialized():  # e.g. a test connected on its own: share it rather than fail
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": always a new cluster of our own, even when another process on this machine left
+    # a `ray start` cluster behind (ray.init() would join it, and refuses num_cpus when joining).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_local, tmp_path_factory):
+    """The Serve application on the shared local cluster, with the toy model and a small catalog.
+
+    Yields a namespace: `url` (loopback), `catalog` (its root), `ids` (name -> catalog id), `settings`.
+    Sized for tests: generator with num_cpus=0 (does not block other Ray tests), one torch thread,
+    a queue of 16 jobs.
+    """
+    import socket
+    from types import SimpleNamespace
+
+    from ray import serve
+    from serve_support import build_test_catalog
+
+    from serve.app import application
+    from serve.settings import ServeSettings
+
+    root = tmp_path_factory.mktemp("serve")
+    catalog_root, ids = build_test_catalog(root)
+    with socket.socket() as probe:  # a free loopback port for Serve's HTTP proxy
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = ServeSettings(base="toy", catalog=str(catalog_root), device="cpu", threads=1, generator_cpus=0,
+                             queue_limit=16, max_batch_size=8, batch_wait_s=0.05, host="127.0.0.1", port=port)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(application(settings), name="md-test", route_prefix="/")
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", catalog=catalog_root, ids=ids, settings=settings,
+                              root=root)
+    finally:
+        serve.shutdown()

@@ -34,7 +34,7 @@ def ls(cache_dir: CacheDirOption = None, as_json: JsonOption = False) -> None:
     """List cached datasets: videos, clips, size on disk, fingerprint prefixes."""
     from dataclasses import asdict
 
-    from motiondirector.data.cache import cache_root, list_cache
+    from motiondirector.api import cache_root, list_cache
 
     with reported_errors():
         summaries = list_cache(cache_dir)
@@ -62,7 +62,7 @@ def clear(
     as_json: JsonOption = False,
 ) -> None:
     """Delete cached records (all, or one dataset's). They are re-encoded on next use."""
-    from motiondirector.data.cache import cache_root, clear_cache
+    from motiondirector.api import cache_root, clear_cache
 
     root = cache_root(cache_dir)
     what = f"dataset {dataset!r}" if dataset else "all records"

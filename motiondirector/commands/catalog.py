@@ -23,8 +23,7 @@ from motiondirector.commands.common import (
 )
 
 if TYPE_CHECKING:
-    from motiondirector.catalog import Catalog, Page
-    from motiondirector.lora.package import Manifest
+    from motiondirector.api import Catalog, Manifest, Page
 
 # Columns `catalog ls` adds to id, name, kind, concept and base, with the terminal width each needs.
 OPTIONAL_COLUMNS = (("created", 100), ("rank", 140), ("step", 140), ("tags", 140), ("metrics", 140))
@@ -49,7 +48,7 @@ FromIndexOption = Annotated[bool, typer.Option(
 
 @contextmanager
 def _catalog_errors() -> Iterator[None]:
-    from motiondirector.catalog import UnknownEntryError
+    from motiondirector.api import UnknownEntryError
 
     with reported_errors():
         try:
@@ -59,7 +58,7 @@ def _catalog_errors() -> Iterator[None]:
 
 
 def _open(uri: str | None) -> Catalog:
-    from motiondirector.catalog import Catalog
+    from motiondirector.api import Catalog
 
     return Catalog(uri)
 
@@ -200,7 +199,7 @@ def add(
     as_json: JsonOption = False,
 ) -> None:
     """Register a LoRA package (or a run's packages) under new ids; files first, manifest last."""
-    from motiondirector.catalog import is_run_folder, register_run
+    from motiondirector.api import is_run_folder, register_run
 
     with _catalog_errors(), console.status(f"copying {package} into the catalog"):
         catalog = _open(uri)

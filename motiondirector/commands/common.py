@@ -45,8 +45,8 @@ def fail(message: str, code: ExitCode = ExitCode.BAD_INPUT) -> typer.Exit:
 @contextmanager
 def reported_errors() -> Iterator[None]:
     """Turn the library's expected errors into one clear line and a documented exit code."""
-    from motiondirector.backbones import ModelNotAvailableError, ModelTooLargeError
-    from motiondirector.train.guard import TrainingDiverged
+    # api loads only the modules of the names asked for: the fast catalog commands stay fast.
+    from motiondirector.api import ModelNotAvailableError, ModelTooLargeError, TrainingDiverged
 
     try:
         yield

@@ -28,7 +28,7 @@ def _backbone(base: str, out: Path, device: str):
     except ModelNotAvailableError:
         if base != "toy":
             raise
-        from motiondirector.backbones.tiny import write_tiny_model
+        from motiondirector.api import write_tiny_model
         from motiondirector.toyworld.pretrain import toy_model_config
 
         console.print("[bold yellow]notice:[/] the embedded toy model is missing its weights; running the demo on a "
@@ -47,11 +47,18 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """Render a reference clip, train a dual-path motion LoRA on it, generate the motion with a new look."""
-    from motiondirector.api import GenerationParams, LoraChoice, generate, save_videos, train
+    from motiondirector.api import (
+        GenerationParams,
+        LoraChoice,
+        generate,
+        save_videos,
+        train,
+        write_gif,
+        write_video,
+    )
     from motiondirector.toyworld.benchmark import BenchmarkSettings, clip_records, train_config
     from motiondirector.toyworld.evaluate import score_sample
     from motiondirector.toyworld.render import parse_caption, render
-    from motiondirector.video_io import write_gif, write_video
 
     with reported_errors():
         backbone = _backbone(base, out, device)

@@ -26,18 +26,23 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Score a folder of videos with the paper's automatic metrics; writes per-video JSON and a summary."""
-    from motiondirector.backbones import resolve_device
-    from motiondirector.metrics import clip_scores
-    from motiondirector.metrics.evaluate import METRICS, evaluate_videos
+    from motiondirector.api import (
+        DEFAULT_PICKSCORE,
+        DEFAULT_PICKSCORE_PROCESSOR,
+        METRICS,
+        ClipScorer,
+        evaluate_videos,
+        resolve_device,
+    )
 
     with reported_errors():
         target = resolve_device(device)
-        clip_scorer = clip_scores.ClipScorer.load(clip, device=target)
+        clip_scorer = ClipScorer.load(clip, device=target)
         pick_scorer = None
         if pickscore:
-            processor = pickscore_processor or (clip_scores.DEFAULT_PICKSCORE_PROCESSOR
-                                                if pickscore == clip_scores.DEFAULT_PICKSCORE else None)
-            pick_scorer = clip_scores.ClipScorer.load(pickscore, processor, device=target)
+            processor = pickscore_processor or (DEFAULT_PICKSCORE_PROCESSOR
+                                                if pickscore == DEFAULT_PICKSCORE else None)
+            pick_scorer = ClipScorer.load(pickscore, processor, device=target)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("scoring videos", total=None)
             summary = evaluate_videos(videos_dir, clip_scorer, pick_scorer, out,

@@ -26,7 +26,7 @@ def ingest(
     Files that cannot be used are listed as rejects and do not stop the run. Clips already committed
     are skipped; a changed caption re-encodes only the text embedding.
     """
-    from motiondirector.data.ingest_spec import load_ingest_spec
+    from motiondirector.api import load_ingest_spec
 
     with reported_errors():
         spec = load_ingest_spec(spec_path, base=base, output=output)

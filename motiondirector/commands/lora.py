@@ -42,7 +42,7 @@ def _report(paths: list[Path], as_json: bool) -> None:
 @lora_app.command("info")
 def info(package: Annotated[Path, typer.Argument(help="Package folder.")], as_json: JsonOption = False) -> None:
     """Summary of a package's manifest (kind, base, rank, size, training, catalog fields)."""
-    from motiondirector.lora.package import read_package
+    from motiondirector.api import read_package
 
     with reported_errors():
         manifest, state = read_package(package)
@@ -79,8 +79,8 @@ def import_reference(
     as_json: JsonOption = False,
 ) -> None:
     """Convert a reference-implementation LoRA file (key-less tensor list) into package(s)."""
-    from motiondirector.backbones import load_backbone
-    from motiondirector.lora.interop import import_reference as convert
+    from motiondirector.api import import_reference as convert
+    from motiondirector.api import load_backbone
 
     with reported_errors():
         paths = convert(file, kind.value, load_backbone(base, device), out, index=index)
@@ -97,8 +97,8 @@ def import_kohya(
     as_json: JsonOption = False,
 ) -> None:
     """Convert a kohya/ComfyUI-style LoRA file into a package."""
-    from motiondirector.backbones import load_backbone
-    from motiondirector.lora.interop import import_kohya as convert
+    from motiondirector.api import import_kohya as convert
+    from motiondirector.api import load_backbone
 
     with reported_errors():
         path = convert(file, kind.value, load_backbone(base, device), out)
@@ -117,17 +117,17 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Export a package as a kohya-scheme file, or as a diffusers model folder with the LoRA fused in."""
+    from motiondirector.api import export_kohya, export_merged
     from motiondirector.commands.common import fail
-    from motiondirector.lora import interop
 
     with reported_errors():
         if export_format is ExportFormat.merged:
             if base is None:
                 raise fail("--format merged needs --base MODEL (the model to fuse the LoRA into)")
-            path = interop.export_merged([(package, scale)], base, out)
+            path = export_merged([(package, scale)], base, out)
         else:
             target = out if out.suffix == ".safetensors" else out / f"{package.resolve().name}.safetensors"
-            path = interop.export_kohya(package, target)
+            path = export_kohya(package, target)
     _report([path], as_json)
 
 

@@ -20,8 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from motiondirector.events import Event, TrainFinished, TrainStarted, TrainStep
-from motiondirector.events import Progress as ProgressEvent
+from motiondirector.api import Event, TrainFinished, TrainStarted, TrainStep
+from motiondirector.api import Progress as ProgressEvent
 
 # Shown on each phase bar: "<phase> <label>"; the training bar says "train".
 _PHASE_NAMES = {"cache": "caching", "noise_prior": "noise prior (DDIM inversion)", "sample": "sampling"}
@@ -106,7 +106,7 @@ class TensorBoardScalars:
         if isinstance(event, TrainStarted) and event.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            from motiondirector.train.layout import RunLayout
+            from motiondirector.api import RunLayout
 
             self.close()
             self.writer = SummaryWriter(str(RunLayout(Path(event.out_dir)).tensorboard),

@@ -18,20 +18,20 @@ def targets(
     as_json: JsonOption = False,
 ) -> None:
     """List spatial and temporal LoRA targets with module and parameter counts."""
-    from motiondirector.lora.targets import target_summary
+    from motiondirector.api import target_summary
 
     with reported_errors():
         if base is None:
             import torch
             from diffusers import UNet3DConditionModel
 
-            from motiondirector.backbones.unet3d import lora_targets
+            from motiondirector.api import lora_targets
 
             with torch.device("meta"):
                 unet = UNet3DConditionModel()
             spatial, temporal = lora_targets(unet, "spatial"), lora_targets(unet, "temporal")
         else:
-            from motiondirector.backbones import load_backbone
+            from motiondirector.api import load_backbone
 
             backbone = load_backbone(base, device)
             unet = backbone.unet

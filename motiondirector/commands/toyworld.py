@@ -35,8 +35,8 @@ def render_command(
     as_json: JsonOption = False,
 ) -> None:
     """Render a ground-truth clip of the toy world from a caption."""
+    from motiondirector.api import write_gif, write_video
     from motiondirector.toyworld.render import parse_caption, render
-    from motiondirector.video_io import write_gif, write_video
 
     with reported_errors():
         if out.suffix.lower() not in (".mp4", ".gif"):
@@ -130,15 +130,13 @@ def report_command(
 
     import torch
 
-    from motiondirector.backbones import load_backbone
-    from motiondirector.storage import atomic_write
+    from motiondirector.api import atomic_write, load_backbone, write_grid_png
     from motiondirector.toyworld.evaluate import (
         TOY_SAMPLING,
         base_quality_report,
         replace_docs_section,
         report_markdown,
     )
-    from motiondirector.video_io import write_grid_png
 
     with reported_errors(), _progress() as progress:
         backbone = load_backbone(base, device)
@@ -194,7 +192,7 @@ def benchmark_command(
     """Table 1 in the toy world: base, coupled, dual_path_no_ad and dual_path on a held-out motion."""
     from dataclasses import replace
 
-    from motiondirector.backbones import load_backbone
+    from motiondirector.api import load_backbone
     from motiondirector.toyworld.benchmark import BenchmarkSettings, run_benchmark, table_markdown
     from motiondirector.toyworld.evaluate import TOY_SAMPLING, replace_docs_section
 
@@ -244,8 +242,7 @@ def diagnose_command(
     import tempfile
     from dataclasses import replace
 
-    from motiondirector.backbones import load_backbone
-    from motiondirector.storage import atomic_write
+    from motiondirector.api import atomic_write, load_backbone, write_grid_png
     from motiondirector.toyworld.diagnose import (
         DiagnoseSettings,
         diagnose,
@@ -254,7 +251,6 @@ def diagnose_command(
         without_samples,
     )
     from motiondirector.toyworld.evaluate import TOY_SAMPLING, replace_docs_section
-    from motiondirector.video_io import write_grid_png
 
     with reported_errors(), tempfile.TemporaryDirectory(prefix="toyworld-diagnose-") as scratch:
         chosen = tuple(dict.fromkeys(probes or ("leak", "accuracy", "steer")))

@@ -46,7 +46,7 @@ def generate_scenes(backbone: BackboneSpec, scenes: Sequence[Scene], seeds: Sequ
     The noise of a seed does not depend on the batch or the model's LoRAs, so every mode of the
     benchmark starts from the same noise (as the paper compares).
     """
-    from motiondirector.generate import initial_noise
+    from motiondirector.noise_prior import initial_noise
 
     videos = []
     for start in range(0, len(scenes), batch):
