@@ -48,8 +48,10 @@ def noise_prior_latents(backbone: BackboneSpec, video: str | Path, *, frames: in
     the base and is cached under the cache root by their fingerprint.
     """
     clip, clip_id = reference_clip(video, frames, size, fps)
-    key = fingerprint("noise-prior", clip_id, backbone.model_id, backbone.architecture_fingerprint,
-                      backbone.vae_id, NOISE_PRIOR_INVERSION_STEPS)
+    # The scheduler config enters the key: the inversion follows its prediction type and spacing, and
+    # "inversion-2" marks the exact inverse of the sampler's step (priors cached before it are not reused).
+    key = fingerprint("noise-prior", "inversion-2", clip_id, backbone.model_id, backbone.architecture_fingerprint,
+                      backbone.vae_id, dict(backbone.scheduler.config), NOISE_PRIOR_INVERSION_STEPS)
     cached = cache_root(cache_dir) / "noise_prior" / f"{key}.safetensors"
     if cached.is_file():
         return load_file(str(cached))["z_inv"]
