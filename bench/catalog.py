@@ -32,6 +32,7 @@ from pathlib import Path
 
 from motiondirector.catalog import Catalog, new_id
 from motiondirector.lora.package import MANIFEST, BaseModelRef, Manifest
+from motiondirector.storage import is_local
 
 SECTION = "## Catalog"
 CONCEPTS = ["car turn", "cycling", "golf swing", "dance", "skateboarding", "horse riding", "surfing", "lifting"]
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="catalog-bench-") as scratch:
         root = args.root or str(Path(scratch) / "catalog")
         results = run(root, args.entries, args.new, args.repeats)
-    root_kind = "local disk" if "://" not in root or root.startswith("file://") else root.split("://")[0]
+    root_kind = "local disk" if is_local(root) else root.split("://")[0]
     text = section(shlex.join(["python", "bench/catalog.py", *(argv if argv is not None else sys.argv[1:])]),
                    args.entries, args.new, root_kind, results)
     print(text)

@@ -115,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = write_tiny_model(tmp / "tiny-model")
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ingest = make_ingest(tmp / "data", model)
         dataset = f"{ingest}#a"
         for engine in ("torch", "deepspeed"):

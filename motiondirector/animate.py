@@ -17,7 +17,7 @@ from motiondirector.backbones.base import BackboneSpec
 from motiondirector.data.records import fingerprint
 from motiondirector.events import Observer
 from motiondirector.generate import GeneratedVideo, GenerationParams, LoraChoice, generate
-from motiondirector.storage import cache_root, staged_folder
+from motiondirector.storage import cache_root, local_path, staged_folder
 from motiondirector.train.resolve import LoraCatalog
 
 # Single-frame steps need little activation memory, so no gradient checkpointing (its recompute
@@ -41,7 +41,7 @@ def image_appearance(images: list[str | Path], caption: str, backbone: BackboneS
 
     if not images:
         raise ValueError("animate needs at least one image")
-    sources = [str(Path(image).expanduser().resolve()) for image in images]
+    sources = [str(local_path(image).resolve()) for image in images]
     size = size or (backbone.defaults.height, backbone.defaults.width)
     config = validate_config({
         **IMAGE_TRAINING, "base": backbone.model_id, "device": str(backbone.device), "seed": seed, "steps": steps,

@@ -78,6 +78,16 @@ class ValidationSection(_Section):
     size: tuple[int, int] | None = None
     fps: float | None = Field(None, gt=0)
     seed: int = 0
+    noise_prior: float = Field(0.0, ge=0.0, le=1.0, description="Strength p of the reference clip's inverted noise "
+                               "in the initial noise (the reference validates single videos at 0.5); 0: plain noise.")
+    reference: str | None = Field(None, description="Video whose inverted noise the prior uses; unset: the first "
+                                  "training video.")
+
+    @model_validator(mode="after")
+    def _reference_needs_prior(self) -> ValidationSection:
+        if self.reference and self.noise_prior == 0:
+            raise ValueError("validation.reference is only used by the noise prior: set validation.noise_prior > 0")
+        return self
 
     def with_model_defaults(self, defaults: ModelDefaults) -> ValidationSection:
         native = {"steps": defaults.steps, "guidance": defaults.guidance, "frames": defaults.frames,

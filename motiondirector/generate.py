@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,12 +25,9 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from motiondirector.backbones.base import BackboneSpec
 from motiondirector.backbones.defaults import ModelDefaults
-from motiondirector.data.records import fingerprint
 from motiondirector.errors import describe_validation_error
 from motiondirector.events import Observer, progress_callback
 from motiondirector.lora import inject
@@ -43,12 +39,12 @@ from motiondirector.lora.package import (
     Manifest,
     PackageError,
 )
-from motiondirector.sample import SamplingSettings, ddim_invert, latent_shape, sample_videos
-from motiondirector.storage import atomic_write, cache_root, local_path, sha256_file
+from motiondirector.noise_prior import initial_noise, noise_prior_latents
+from motiondirector.sample import SamplingSettings, latent_shape, sample_videos
+from motiondirector.storage import atomic_write, local_path, sha256_file
 from motiondirector.train.resolve import LoraCatalog, resolve_lora
 
 SIDECAR_SCHEMA_VERSION = 1
-NOISE_PRIOR_INVERSION_STEPS = 50
 _ROLES: dict[str, LoraKind] = {"motion": "temporal", "appearance": "spatial"}
 _DEFAULTED = ("steps", "guidance", "frames", "height", "width", "fps")
 
@@ -80,6 +76,8 @@ class GenerationParams(BaseModel):
     height: int | None = Field(None, ge=8)
     width: int | None = Field(None, ge=8)
     fps: float | None = Field(None, gt=0)
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, description="Guidance rescale φ (Lin et al. 2024); "
+                                                                    "0 = plain classifier-free guidance.")
     seed: int | None = Field(None, ge=0, description="Seed of the first video; video i uses seed + i. "
                                                     "None: drawn at random and recorded.")
     noise_prior: float = Field(0.0, ge=0.0, le=1.0)
@@ -106,7 +104,7 @@ class GenerationParams(BaseModel):
             raise ValueError(f"generation parameters {', '.join(unset)} are unset: apply the model's defaults first "
                              "(GenerationParams.with_defaults)")
         return SamplingSettings(steps=self.steps, guidance=self.guidance, frames=self.frames,
-                                height=self.height, width=self.width)
+                                height=self.height, width=self.width, guidance_rescale=self.guidance_rescale)
 
     def choices(self) -> list[tuple[str, LoraChoice]]:
         """(role, choice) in adapter order: motions first, then appearances."""
@@ -182,60 +180,6 @@ def composed(backbone: BackboneSpec, choices: list[tuple[str, LoraChoice]], *, f
             inject.remove_adapter(unet, lora.name)
 
 
-# --- noise prior ------------------------------------------------------------------------------
-
-def reference_clip(video: str | Path, frames: int, size: tuple[int, int], fps: float) -> tuple[torch.Tensor, str]:
-    """The first `frames` frames of `video` sampled at `fps` and fitted to `size`: (1, F, H, W, 3) uint8.
-
-    Returns the frames and their fingerprint (content hash, frame indices, size, crop).
-    """
-    from motiondirector.data.clips import ClipPolicy, fit_frames, plan_clips
-    from motiondirector.data.video import content_hash, probe_video, read_frames
-
-    path = str(video)
-    indices = plan_clips(probe_video(path), ClipPolicy(frames=frames, fps=fps))[0]
-    pixels = fit_frames(read_frames(path, indices), size, crop="center")
-    identity = fingerprint("reference-clip", content_hash(path), indices, list(size), "center")
-    return torch.from_numpy(pixels).unsqueeze(0), identity
-
-
-def noise_prior_latents(backbone: BackboneSpec, video: str | Path, params: GenerationParams, *,
-                        cache_dir: str | Path | None = None,
-                        on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """z_inv (1, C, F, h, w): 50-step DDIM inversion of the reference clip with an empty prompt.
-
-    Inverted with the base model alone (no adapters), so the result only depends on the clip and
-    the base and is cached under the cache root by their fingerprint.
-    """
-    params = params.with_defaults(backbone.defaults)
-    clip, clip_id = reference_clip(video, params.frames, (params.height, params.width), params.fps)
-    key = fingerprint("noise-prior", clip_id, backbone.model_id, backbone.architecture_fingerprint,
-                      backbone.vae_id, NOISE_PRIOR_INVERSION_STEPS)
-    cached = cache_root(cache_dir) / "noise_prior" / f"{key}.safetensors"
-    if cached.is_file():
-        return load_file(str(cached))["z_inv"]
-    # The posterior mean, not a sample: the prior must not depend on a random draw.
-    latents = backbone.encode_video(clip).mean * backbone.latent_scaling_factor
-    with inject.active(backbone.unet, []):
-        inverted = ddim_invert(backbone, latents, steps=NOISE_PRIOR_INVERSION_STEPS, on_step=on_step)
-    inverted = inverted.float().cpu().contiguous()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cached, safetensors_bytes({"z_inv": inverted}, metadata={"video": str(video)}))
-    return inverted
-
-
-def initial_noise(backbone: BackboneSpec, settings: SamplingSettings, seed: int,
-                  prior: torch.Tensor | None = None, prior_strength: float = 0.0) -> torch.Tensor:
-    """N(0, I) from a CPU generator seeded with `seed`, mixed with the prior: sqrt(p)·z_inv + sqrt(1−p)·ε."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(latent_shape(backbone, settings, 1), generator=generator, dtype=torch.float32)
-    if prior is None or prior_strength == 0:
-        return noise
-    if tuple(prior.shape) != tuple(noise.shape):
-        raise ValueError(f"noise prior has shape {tuple(prior.shape)}, the videos need {tuple(noise.shape)}")
-    return math.sqrt(prior_strength) * prior.float() + math.sqrt(1.0 - prior_strength) * noise
-
-
 # --- generation -------------------------------------------------------------------------------
 
 def slugify(text: str, limit: int = 40) -> str:
@@ -268,7 +212,8 @@ def generate(params: GenerationParams, *, backbone: BackboneSpec | None = None,
     latent_shape(backbone, settings, 1)  # refuse a bad size before any work
     prior = None
     if params.noise_prior > 0:
-        prior = noise_prior_latents(backbone, params.reference_video, params, cache_dir=cache_dir,
+        prior = noise_prior_latents(backbone, params.reference_video, frames=params.frames,
+                                    size=(params.height, params.width), fps=params.fps, cache_dir=cache_dir,
                                     on_step=progress_callback(observers, "noise_prior"))
     videos = []
     with composed(backbone, params.choices(), fuse=params.fuse, catalog=catalog) as applied:

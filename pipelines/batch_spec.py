@@ -67,8 +67,8 @@ class Preview(_Strict):
     """The preview gif each job samples at its last step (registered with its LoRAs)."""
 
     enabled: bool = True
-    prompt: str | None = Field(None, description="Default: the job's first validation prompt, else its first "
-                                                 "training caption.")
+    prompt: str | None = Field(None, description="Default: the job's first validation prompt, else the library's "
+                                                 "default (one sample per distinct training caption).")
 
 
 class FaultInjection(_Strict):

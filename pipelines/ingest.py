@@ -115,9 +115,13 @@ def _decode(row: dict[str, Any]) -> list[dict[str, Any]]:
 class _Encoder:
     """Actor: loads the base model once, turns batches of works into records; rejects pass through."""
 
-    def __init__(self, base: str, device: str, output: str, batch_size: int) -> None:
+    def __init__(self, base: str, device: str, output: str, batch_size: int, threads: int | None = None) -> None:
         from motiondirector.api import load_backbone
 
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         self.backbone = load_backbone(base, device)
         self.fs = IngestStore(output).fs
         self.batch_size = batch_size
@@ -229,10 +233,15 @@ def _run_group(spec: IngestSpec, base: str, datasets: list[IngestDataset], items
     if not builds:
         return result
     # Decode tasks stream into the encoder actors, so decoding overlaps encoding.
+    # One block (= one decode task) per `files_per_decode_task` files: fewer, longer tasks when files are small.
+    blocks = -(-len(builds) // spec.files_per_decode_task)
     pipeline = ray.data.from_items([{"dataset": dataset, "payload": pickle.dumps(works)}
                                     for (dataset, _), works in builds.items()],
-                                   override_num_blocks=len(builds)).flat_map(_decode, **decode_options)
+                                   override_num_blocks=blocks).flat_map(
+        _decode, **decode_options, **({"num_cpus": spec.decode_cpus} if spec.decode_cpus is not None else {}))
     actor_options: dict[str, Any] = {"num_gpus": num_gpus}
+    if spec.encoder_cpus is not None:
+        actor_options["num_cpus"] = spec.encoder_cpus
     if spec.encoder_resources:
         actor_options["resources"] = spec.encoder_resources
     if spec.encoder_memory_gib:
@@ -240,7 +249,8 @@ def _run_group(spec: IngestSpec, base: str, datasets: list[IngestDataset], items
     pipeline = pipeline.map_batches(
         _Encoder, compute=ray.data.ActorPoolStrategy(size=spec.encoders), batch_size=spec.batch_size,
         batch_format="numpy", fn_constructor_kwargs={"base": base, "device": spec.device, "output": spec.output,
-                                                     "batch_size": spec.batch_size}, **actor_options)
+                                                     "batch_size": spec.batch_size, "threads": spec.encoder_threads},
+        **actor_options)
     sink = _RunSink(str(spec.output), folder)
     pipeline.write_datasink(sink)
     for returned in sink.returns:

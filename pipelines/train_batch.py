@@ -234,17 +234,6 @@ def _restore(checkpoint: Any, run_dir: Path, config: Any, backbone: Any) -> int:
     return step
 
 
-def _rank_arguments(train: Callable[..., Any], rank: int, world_size: int) -> dict[str, int]:
-    """rank/world_size for train() where it takes them (the rank-aware loop of branch core)."""
-    import inspect
-
-    if "rank" in inspect.signature(train).parameters:
-        return {"rank": rank, "world_size": world_size}
-    if world_size != 1:
-        raise RuntimeError("data-parallel jobs (workers > 1) need the rank-aware train(rank=, world_size=)")
-    return {}
-
-
 def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker function: one rank of one job."""
     import ray.train
@@ -281,7 +270,7 @@ def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
             summary, manifests = api.train_and_register(
                 config, run_dir, catalog, name=job["name"], tags=_tags(job, loop_config["batch_id"]),
                 description=_description(job), resume=resumed is not None, backbone=backbone,
-                observers=[reporter], **_rank_arguments(api.train, rank, world_size))
+                observers=[reporter], rank=rank, world_size=world_size)
         except (ValueError, FileNotFoundError) as error:  # bad data or config: deterministic, no retry
             return {"error": f"{type(error).__name__}: {error}"}
         seconds = time.perf_counter() - began
@@ -439,7 +428,8 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
         # The board and the per-job tasks (with the Train controllers they start) stay on the driver's
         # node: losing a worker node then loses training workers only, which Ray Train restarts.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        board = ProgressBoard.options(scheduling_strategy=here).remote()
+        # Restarted if its process dies: progress only (a restart loses the attempts recorded so far).
+        board = ProgressBoard.options(max_restarts=-1, scheduling_strategy=here).remote()
         total = ray.cluster_resources()
         capacity = {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0),
                     **{name: total.get(name, 0.0) for job in pending for name in job.resources.custom}}
@@ -457,7 +447,9 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
                 job = queue.pop(0)
                 for k, v in _demand(job).items():
                     free[k] = free.get(k, 0.0) - v
-                ref = _fit_job.options(scheduling_strategy=here).remote(job.payload(), job.resources.model_dump(), storage, spec.catalog, batch_id, board)
+                # A launcher whose process dies is retried: fit() resumes the run from its storage.
+                ref = _fit_job.options(max_retries=job.resources.max_failures, scheduling_strategy=here).remote(
+                    job.payload(), job.resources.model_dump(), storage, spec.catalog, batch_id, board)
                 running[ref] = job
                 outcomes[job.job_id].state = "running"
             if not running:  # nothing fits while nothing runs: cannot happen after the capacity check
@@ -467,10 +459,10 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
                 job = running.pop(ref)
                 for k, v in _demand(job).items():
                     free[k] = free.get(k, 0.0) + v
-                _finish(outcomes[job.job_id], ray.get(ref))
+                _finish(outcomes[job.job_id], _outcome(ref))
             if on_update is not None:
-                on_update(snapshot(ray.get(board.snapshot.remote())))
-        live = ray.get(board.snapshot.remote())
+                on_update(snapshot(_live(board)))
+        live = _live(board)
         for job_id, values in live.items():
             outcomes[job_id].rank_digests = {int(k): v for k, v in values.get("rank_digests", {}).items()}
             outcomes[job_id].attempts = list(values.get("attempts", []))
@@ -488,6 +480,22 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
     if on_update is not None:
         on_update(snapshot())
     return report
+
+
+def _outcome(ref: Any) -> dict[str, Any]:
+    """A launcher's result; its process dying past its retries fails the job (a re-run resumes it)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as error:
+        return {"state": "failed", "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+
+
+def _live(board: Any) -> dict[str, dict[str, Any]]:
+    """The progress board's snapshot, or nothing while it restarts."""
+    try:
+        return ray.get(board.snapshot.remote(), timeout=30)
+    except ray.exceptions.RayError:
+        return {}
 
 
 def _finish(outcome: JobOutcome, result: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ def _generator_deployment(settings: ServeSettings) -> Any:
                       max_ongoing_requests=2 * batch, health_check_timeout_s=120)
     class Generator(GeneratorService):
         async def generate(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
-            return await self._batched((job_id, job))
+            return await self.encode(job_id, await self._batched((job_id, job)))
 
         @serve.multiplexed(max_num_models_per_replica=settings.compositions_per_replica)
         async def composition(self, model_id: str) -> Any:
@@ -55,6 +55,7 @@ def _generator_deployment(settings: ServeSettings) -> Any:
                 composition = await self.composition(model_id)
             except Exception as error:  # e.g. an entry removed from the catalog since it was checked
                 return [{"error": f"loading LoRA set {model_id}: {type(error).__name__}: {error}"}] * len(items)
+            # Sampled videos come back here; each request encodes its own (Generator.encode).
             return await self.run_batch(composition, items)
 
     return Generator

@@ -7,7 +7,8 @@
   hash-checked, for a remote catalog) once.
 - Requests for the same set arrive in one `serve.batch`; those that also share their sampling
   settings go through the library's sampler together (`api.generate_batch`, one noise tensor per
-  video, each from its own seed).
+  video, each from its own seed). Encoding (mp4, gif, sidecar: `api.save_video`) happens per
+  request after its batch returned, on two encoder threads, while the next batch samples.
 - The set of the last batch stays applied to the UNet (`api.HeldComposition`): the next batch of the
   same set skips adapter injection; another set first restores the model. The model is modified in
   place, so one thread does all sampling and a lock guards it: two sets are never active at once.
@@ -87,12 +88,14 @@ class GeneratorService:
         self.packages = PackageCache(api.open_catalog(self.settings.catalog), self.settings.packages_per_replica)
         # One sampling thread: the UNet is modified in place while a composition is applied.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encoder")
         self._unet_lock = threading.Lock()
         self._pending: set[asyncio.Future] = set()
         self._held: Any = None  # the LoRA set now applied to the UNet (api.HeldComposition)
         self.loads = 0  # compositions loaded by this replica (multiplex misses)
         self.applications = 0  # times a LoRA set was applied to the UNet (a switch or the first set)
         self.batches: list[int] = []  # sizes of the sampler calls made, newest last (bounded)
+        self.sampler_calls = self.videos_sampled = 0
 
     def info(self) -> dict[str, Any]:
         backbone = self.backbone
@@ -105,7 +108,8 @@ class GeneratorService:
     def stats(self) -> dict[str, Any]:
         return {"compositions_loaded": self.loads, "applications": self.applications, "package_hits": self.packages.hits,
                 "package_misses": self.packages.misses, "packages": self.packages.ids(),
-                "batch_sizes": list(self.batches)}
+                "batch_sizes": list(self.batches), "sampler_calls": self.sampler_calls,
+                "videos_sampled": self.videos_sampled}
 
     async def load_composition(self, model_id: str) -> Composition:
         """Resolve every package of the set into the package cache (off the event loop)."""
@@ -117,7 +121,7 @@ class GeneratorService:
         return Composition(model_id, choices)
 
     async def run_batch(self, composition: Composition, items: list[tuple[str, dict[str, Any]]]) -> list[dict]:
-        """Generate the batch's jobs (all of one composition); one result dict per item, in order."""
+        """Sample the batch's jobs (all of one composition): per item {"video", "started"} or {"error"}."""
         groups: dict[tuple, list[tuple[str, dict[str, Any]]]] = {}
         for item in items:
             groups.setdefault(tuple(item[1][key] for key in _SAMPLING_KEYS), []).append(item)
@@ -171,7 +175,7 @@ class GeneratorService:
 
     def _sample_group(self, composition: Composition, group: list[tuple[str, dict[str, Any]]],
                       report: Callable[[Any], None]) -> dict[str, dict[str, Any]]:
-        """In the sampling thread: one library call for the group, then each video encoded to bytes."""
+        """In the sampling thread: one library call for the whole group -> {job_id: {"video", "started"}}."""
         started = time.perf_counter()
         try:
             params = [self._params(composition, job) for _, job in group]
@@ -179,16 +183,32 @@ class GeneratorService:
                 videos = self.api.generate_batch(params, backbone=self.backbone, catalog=self.packages,
                                                  observers=[report], composition=self._hold(params[0].choices()))
             self.batches = [*self.batches[-99:], len(group)]
-            results = {}
-            with tempfile.TemporaryDirectory(prefix="md-serve-") as folder:
-                for (job_id, _), video in zip(group, videos, strict=True):
-                    paths = self.api.save_video(video, Path(folder) / job_id)
-                    results[job_id] = {
-                        "params": video.sidecar["params"], "seed": video.seed,
-                        "seconds": round(time.perf_counter() - started, 3),
-                        "files": {"mp4": paths["mp4"].read_bytes(), "gif": paths["gif"].read_bytes(),
-                                  "sidecar": paths["json"].read_bytes()}}
-            return results
+            self.sampler_calls += 1
+            self.videos_sampled += len(group)
+            return {job_id: {"video": video, "started": started}
+                    for (job_id, _), video in zip(group, videos, strict=True)}
         except Exception as error:  # the jobs fail with the reason; the replica keeps serving
             reason = f"{type(error).__name__}: {error}"
             return {job_id: {"error": reason} for job_id, _ in group}
+
+    async def encode(self, job_id: str, outcome: dict[str, Any]) -> dict[str, Any]:
+        """A sampled video -> the job's result (mp4, gif and sidecar bytes, parameters used).
+
+        Runs on the encoder threads after the batch returned, so the next batch samples meanwhile.
+        """
+        if "error" in outcome:
+            return outcome
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._encoder, self._encode, job_id, outcome["video"],
+                                              outcome["started"])
+        except Exception as error:
+            return {"error": f"encoding the video: {type(error).__name__}: {error}"}
+
+    def _encode(self, job_id: str, video: Any, started: float) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="md-serve-") as folder:
+            paths = self.api.save_video(video, Path(folder) / job_id)  # the library's writers and sidecar
+            files = {"mp4": paths["mp4"].read_bytes(), "gif": paths["gif"].read_bytes(),
+                     "sidecar": paths["json"].read_bytes()}
+        return {"params": video.sidecar["params"], "seed": video.seed,
+                "seconds": round(time.perf_counter() - started, 3), "files": files}

@@ -45,7 +45,8 @@ class ServeSettings(BaseModel):
     generator_cpus: float = Field(1.0, ge=0)
     generator_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1, description="Requests sharing a LoRA set and settings sampled together.")
-    batch_wait_s: float = Field(0.05, ge=0, description="How long a batch waits to fill up.")
+    batch_wait_s: float = Field(0.2, ge=0, description="How long a batch waits to fill up after its first "
+                                                       "request (added to a lone request's latency).")
     compositions_per_replica: int = Field(8, ge=1, description="LoRA sets a replica keeps (serve.multiplexed LRU).")
     packages_per_replica: int = Field(32, ge=1, description="LoRA packages a replica keeps resolved (LRU by id).")
     # Jobs

@@ -54,7 +54,9 @@ def ray_local():
     if ray.is_initialized():  # e.g. a test connected on its own: share it rather than fail
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": always a new cluster of our own, even when another process on this machine left
+    # a `ray start` cluster behind (ray.init() would join it, and refuses num_cpus when joining).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

@@ -9,7 +9,7 @@ import torch
 from test_package import random_lora_state, write_random_package, write_run
 from typer.testing import CliRunner
 
-from motiondirector import generate as generation
+from motiondirector import noise_prior
 from motiondirector.cli import app
 from motiondirector.commands.common import ExitCode
 from motiondirector.generate import (
@@ -17,11 +17,11 @@ from motiondirector.generate import (
     LoraChoice,
     composed,
     generate,
-    initial_noise,
     save_video,
 )
 from motiondirector.lora.inject import adapter_names, lora_layers
 from motiondirector.lora.package import read_manifest, write_package
+from motiondirector.noise_prior import initial_noise
 
 FAST = ["--steps", "2", "--frames", "4", "--size", "32x32", "--device", "cpu"]
 
@@ -147,17 +147,18 @@ def test_wrong_kind_or_base_is_refused_with_a_clear_error(tiny_model_dir, tiny_b
 def test_noise_prior_is_cached_and_mixed_into_the_initial_noise(tiny_backbone, car_turn, tmp_path, monkeypatch):
     params = fast_params("unused", noise_prior=0.25, reference_video=str(car_turn))
     inversions = []
-    real_invert = generation.ddim_invert
+    real_invert = noise_prior.ddim_invert
 
     def counting_invert(backbone, latents, steps, **kwargs):
         inversions.append(steps)
         return real_invert(backbone, latents, steps=steps, **kwargs)
 
-    assert generation.NOISE_PRIOR_INVERSION_STEPS == 50  # the method's; fewer here to keep the test fast
-    monkeypatch.setattr(generation, "NOISE_PRIOR_INVERSION_STEPS", 4)
-    monkeypatch.setattr(generation, "ddim_invert", counting_invert)
-    first = generation.noise_prior_latents(tiny_backbone, car_turn, params, cache_dir=tmp_path / "cache")
-    again = generation.noise_prior_latents(tiny_backbone, car_turn, params, cache_dir=tmp_path / "cache")
+    assert noise_prior.NOISE_PRIOR_INVERSION_STEPS == 50  # the method's; fewer here to keep the test fast
+    monkeypatch.setattr(noise_prior, "NOISE_PRIOR_INVERSION_STEPS", 4)
+    monkeypatch.setattr(noise_prior, "ddim_invert", counting_invert)
+    geometry = {"frames": 4, "size": (32, 32), "fps": 8.0}
+    first = noise_prior.noise_prior_latents(tiny_backbone, car_turn, **geometry, cache_dir=tmp_path / "cache")
+    again = noise_prior.noise_prior_latents(tiny_backbone, car_turn, **geometry, cache_dir=tmp_path / "cache")
     assert inversions == [4]  # the second call read the cache
     assert torch.equal(first, again) and first.shape == (1, 4, 4, 16, 16)
     assert len(list((tmp_path / "cache" / "noise_prior").glob("*.safetensors"))) == 1
@@ -169,8 +170,8 @@ def test_noise_prior_is_cached_and_mixed_into_the_initial_noise(tiny_backbone, c
                                0.5 * first + math.sqrt(0.75) * noise)
 
     # A different clip length is a different prior (and cache entry).
-    longer = fast_params("unused", noise_prior=0.25, reference_video=str(car_turn), frames=8)
-    assert generation.noise_prior_latents(tiny_backbone, car_turn, longer, cache_dir=tmp_path / "cache").shape[2] == 8
+    longer = {**geometry, "frames": 8}
+    assert noise_prior.noise_prior_latents(tiny_backbone, car_turn, **longer, cache_dir=tmp_path / "cache").shape[2] == 8
     assert inversions == [4, 4]
 
     # generate() uses the cached prior, and the sidecar records the clip for replay.

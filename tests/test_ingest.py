@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from motiondirector.cli import app
 from motiondirector.data.encode import decode_item, encode_clips
+from motiondirector.data.errors import DataError
 from motiondirector.data.ingest_read import read_ingested, read_rejects
 from motiondirector.data.ingest_spec import load_ingest_spec
 from motiondirector.data.ingest_store import IngestStore
@@ -49,7 +50,10 @@ def sources(tmp_path_factory, car_turn) -> Path:
 
 def _spec_file(folder: Path, reference: Path, generated: Path, car_caption: str = "A car turns.",
                generated_size: int = 32) -> Path:
-    spec = {"batch_size": 2, "device": "cpu", "datasets": [
+    # Non-default scheduling knobs (two files per decode task, a half-CPU single-threaded encoder): the
+    # records must not depend on them (test_ray_latents_equal_the_single_process_library_path).
+    spec = {"batch_size": 2, "device": "cpu", "files_per_decode_task": 2, "encoder_cpus": 0.5, "encoder_threads": 1,
+            "datasets": [
         {"name": "bicycle", "sources": str(reference / "bicycle"), "caption": "A person is riding a bicycle.", **SMALL},
         {"name": "car-turn", "sources": str(reference / "car_turn" / "car-turn.mp4"), "caption": car_caption,
          **SMALL},
@@ -111,11 +115,12 @@ def test_ray_latents_equal_the_single_process_library_path(first_run, tiny_backb
     spec_path, output, _ = first_run
     spec = load_ingest_spec(spec_path, base="unused")
     for dataset in spec.datasets:
+        dataset = dataset.with_model_defaults(tiny_backbone.defaults)  # as the ingest run does (same model)
         clips = []
         for item in list_items(dataset):
             try:
                 clips += decode_item(item, dataset)
-            except ValueError:  # the broken files: rejected by the pipeline too
+            except DataError:  # the broken files: rejected by the pipeline too
                 continue
         expected = encode_clips(tiny_backbone, clips)
         got = read_ingested(str(output), dataset.name, vae_id=tiny_backbone.vae_id)

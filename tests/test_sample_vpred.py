@@ -185,3 +185,23 @@ def test_training_target_and_losses_are_finite_at_snr_zero(vpred):
     prediction = vpred.predict(noisy, last, vpred.encode_text([PROMPTS[0]]))
     for loss in (temporal_loss_org(prediction, target), appearance_debiased_loss(prediction, target, 0)):
         assert torch.isfinite(loss) and float(loss) > 0
+
+
+def test_generate_takes_guidance_rescale_into_the_sidecar(vpred_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from motiondirector.cli import app
+
+    pngs = {}
+    for factor in ("0", "0.7"):
+        out = tmp_path / factor
+        result = CliRunner().invoke(app, ["generate", "--base", str(vpred_dir), "--prompt", "a red car", "--steps", "3",
+                                          "--guidance", "7", "--guidance-rescale", factor, "--frames", "4", "--size",
+                                          "16x16", "--seed", "1", "--device", "cpu", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        sidecar = json.loads(next(out.glob("*.json")).read_text())
+        assert sidecar["params"]["guidance_rescale"] == float(factor)
+        pngs[factor] = next(out.glob("*.png")).read_bytes()
+    assert pngs["0"] != pngs["0.7"]

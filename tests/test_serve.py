@@ -297,6 +297,7 @@ def test_the_cli_serves_on_a_joined_cluster_and_stops_on_ctrl_c(serve_app, tmp_p
     import signal
     import subprocess
     import sys
+    import threading
 
     import ray
 
@@ -307,22 +308,26 @@ def test_the_cli_serves_on_a_joined_cluster_and_stops_on_ctrl_c(serve_app, tmp_p
     process = subprocess.Popen([sys.executable, "-m", "motiondirector.cli", "serve", "--config", str(config),
                                 "--base", "toy", "--catalog", str(serve_app.catalog), "--device", "cpu"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 240
+        # Started = the command said so (serve.run returned), not merely the first answer of its ingress.
+        while time.monotonic() < deadline and process.poll() is None and not any("serving toy at" in line
+                                                                                  for line in lines):
+            time.sleep(0.5)
         with client(serve_app) as http:
-            while time.monotonic() < deadline and process.poll() is None:
-                ready = http.get("/cli/readyz")
-                if ready.status_code == 200:
-                    break
-                time.sleep(1)
-            assert http.get("/cli/readyz").json()["model"] == "toy"
+            assert http.get("/cli/readyz").json()["model"] == "toy", lines
             job = http.post("/cli/v1/generations", params={"wait": "true"},
                             json={"prompt": "cli", **TINY, "motions": [{"lora_id": serve_app.ids["zigzag"]}]}).json()
             assert job["status"] == "done"
             process.send_signal(signal.SIGINT)
-            output, _ = process.communicate(timeout=120)
+            process.wait(timeout=120)
+            reader.join(timeout=10)
+            output = "".join(lines)
             assert process.returncode == 0, output
-            assert "serving toy at" in output and "stopping" in output
+            assert "stopping" in output
             assert http.get("/cli/healthz").status_code == 404  # its app is gone...
             assert http.get("/healthz").status_code == 200  # ...the other one still serves
     finally:

@@ -125,3 +125,19 @@ def test_model_id_is_the_same_however_the_folder_is_spelled(tiny_model_dir, tmp_
     tilde, absolute = load_backbone("~/m", "cpu"), load_backbone(real, "cpu")
     assert tilde.model_id == absolute.model_id == real
     assert tilde.vae_id == absolute.vae_id and tilde.text_encoder_id == absolute.text_encoder_id
+
+
+def test_config_and_ingest_spec_paths_expand_home_and_resolve_against_their_file(tmp_path, monkeypatch):
+    from motiondirector.config import load_config
+    from motiondirector.data.ingest_spec import load_ingest_spec
+
+    home, folder = tmp_path / "home", tmp_path / "cfg"
+    folder.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (folder / "train.yaml").write_text("base: toy\ndata: {sources: ['~/videos', 'clips/', 's3://b/v.mp4']}\n")
+    sources = load_config(folder / "train.yaml").data.sources
+    assert sources == [str(home / "videos"), str(folder / "clips"), "s3://b/v.mp4"]
+    (folder / "ingest.yaml").write_text("base: toy\noutput: ~/out\ndatasets: [{name: a, sources: ['~/v', 'w']}]\n")
+    spec = load_ingest_spec(folder / "ingest.yaml")
+    assert spec.output == str(home / "out")
+    assert spec.datasets[0].sources == [str(home / "v"), str(folder / "w")]

@@ -73,6 +73,9 @@ def test_benchmark_runs_every_mode_and_setting(toy_like, tmp_path):
     assert base_rows[0]["metrics"] == base_rows[1]["metrics"]  # base is sampled once, shown per setting
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert len(saved["rows"]) == len(rows)
+    logged = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["setting"], r["mode"]) for r in logged] == [(r["setting"], r["mode"]) for r in rows]
+    assert len(logged[-1]["samples"]) == 4 and "distinct_corr" in logged[-1]["samples"][0]
     table = (tmp_path / "benchmark.md").read_text()
     assert table.count("| dual_path |") == 4 and "motion fidelity" in table  # the motion and the attribute table
     assert "distinctive corr." in table and "y corr." in table and "colour leak" in table
@@ -102,6 +105,7 @@ def test_report_command_writes_docs_section(toy_like_dir, tmp_path):
     assert "| pretraining motions |" in text and "toyworld report" in text
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["prompts"] == 2 and report["held_out_prompts"] == 1
+    assert "one object per frame" in text and 0.0 <= report["pretrain_motions"]["one_object"][0] <= 1.0
 
 
 def test_render_command(tmp_path):
@@ -153,3 +157,13 @@ def test_a_diverged_run_becomes_a_row(toy_like, tmp_path):
     (row,) = result["rows"]
     assert "training diverged" in row["diverged"] and row["metrics"] == {}
     assert "| 1 video | coupled | training diverged |" in table_markdown(result)
+
+
+def test_benchmark_command_runs_the_modes_asked(toy_like_dir, tmp_path):
+    result = CliRunner().invoke(app, ["toyworld", "benchmark", "--base", str(toy_like_dir), "--videos", "1",
+                                      "--prompts", "1", "--seeds", "1", "--sampling-steps", "2", "--modes", "base",
+                                      "--high-share", "0.5", "--device", "cpu", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [r["mode"] for r in payload["rows"]] == ["base"] and payload["settings"]["high_share"] == 0.5
+    assert "distinctive corr." in (tmp_path / "benchmark.md").read_text()

@@ -70,3 +70,59 @@ def test_pretrain_resumes_records_phases_and_exports_a_loadable_model(tmp_path):
     exported = backbone.unet.state_dict()
     assert exported.keys() == ema_unet.keys()
     assert all(torch.equal(exported[name], ema_unet[name]) for name in exported)  # the export is the EMA
+
+
+def test_v_loss_weight_is_finite_at_zero_snr_and_min_snr_below():
+    from motiondirector.toyworld.pretrain import v_loss_weights, zero_snr_scheduler
+
+    scheduler = zero_snr_scheduler()
+    assert float(scheduler.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-9)  # t = T is pure noise
+    timesteps = torch.arange(0, 1000, 7).tolist() + [999]
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    weights = v_loss_weights(scheduler, torch.tensor(timesteps), gamma=5.0)
+    assert weights[-1] == pytest.approx(1.0)
+    assert torch.allclose(weights[snr + 1 <= 5], torch.ones(1))
+    assert torch.allclose(weights[snr + 1 > 5], 5.0 / (1 + snr[snr + 1 > 5]))
+
+
+def test_zero_snr_stage_warm_starts_resumes_and_continues_from_its_export(tmp_path):
+    from dataclasses import replace
+
+    from motiondirector.backbones.tiny import write_tiny_model
+    from motiondirector.toyworld.pretrain import (
+        MODEL_DEFAULTS,
+        ZERO_SNR_STAGE,
+        ZeroSnrSettings,
+        zero_snr_pretrain,
+    )
+
+    init = write_tiny_model(tmp_path / "v1", TinyModelConfig(vae_channels=(8, 16, 16), words=world_words()))
+    settings = ZeroSnrSettings(pool_seeds_per_scene=1, batch=2, checkpoint_minutes=1e9, probe_minutes=1e9, threads=1,
+                               pool_motions=("left", "right"))
+    work, model = tmp_path / "work", tmp_path / "model"
+    quiet = {"echo": lambda message: None, "minutes": 10}
+    first = zero_snr_pretrain(work, init=init, max_steps=2, export_to=model, settings=settings, **quiet)
+    stage = first["stages"][-1]
+    assert stage["name"] == ZERO_SNR_STAGE and stage["steps"] == 2 and first["stages"][0]["name"].startswith("epsilon")
+    with pytest.raises(ValueError, match="--resume"):
+        zero_snr_pretrain(work, init=init, max_steps=3, export_to=model, settings=settings, **quiet)
+    resumed = zero_snr_pretrain(work, init=init, resume=True, max_steps=3, export_to=model,
+                                settings=replace(settings, lr=5e-4), **quiet)
+    assert [(p["first_step"], p["lr"]) for p in resumed["stages"][-1]["phases"]] == [(0, 1e-3), (2, 5e-4)]
+
+    backbone = load_backbone(str(model), "cpu")
+    config = backbone.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
+        "v_prediction", True, "trailing")
+    assert json.loads((model / "motiondirector.json").read_text()) == MODEL_DEFAULTS
+    ema_unet = torch.load(work / "checkpoint.pt", weights_only=False)["ema"][0]
+    assert all(torch.equal(backbone.unet.state_dict()[k], v) for k, v in ema_unet.items())  # the export is the EMA
+
+    # The work folder is gone: continue from the exported (committed) folder; steps keep counting.
+    continued = zero_snr_pretrain(tmp_path / "work2", init=model, max_steps=5, export_to=tmp_path / "model2",
+                                  settings=settings, **quiet)
+    phases = continued["stages"][-1]["phases"]
+    assert continued["stages"][-1]["steps"] == 5 and phases[-1]["first_step"] == 3
+    assert phases[-1]["warm_start"].startswith("exported EMA weights")
+    assert continued["denoiser_steps"] == resumed["denoiser_steps"] + 2

@@ -76,11 +76,12 @@ def test_guard_compares_the_recent_mean_with_the_early_mean():
     guard = DivergenceGuard(factor=5.0, window=4, hint="; lower it")
     healthy = [0.07, 0.06, 0.065, 0.06] + [0.05, 0.2, 0.04, 0.06] * 3  # noisy, never 5x the start on average
     for step, value in enumerate(healthy, 1):
-        guard.observe(step, {"loss_org": value, "loss_spatial": 0.1})
-    with pytest.raises(TrainingDiverged) as caught:
-        for step, value in enumerate([0.3, 0.6, 0.63, 0.7], len(healthy) + 1):
-            guard.observe(step, {"loss_org": value, "loss_spatial": 0.1})
-    error = caught.value
+        assert guard.observe(step, {"loss_org": value, "loss_spatial": 0.1}) is None
+    for step, value in enumerate([0.3, 0.6, 0.63, 0.7], len(healthy) + 1):
+        error = guard.observe(step, {"loss_org": value, "loss_spatial": 0.1})
+        if error is not None:
+            break
+    assert isinstance(error, TrainingDiverged)
     assert error.loss == "loss_org" and error.step == len(healthy) + 3  # recent mean (0.06+0.3+0.6+0.63)/4 > 5 × 0.0638
     text = str(error)
     assert "loss_org" in text and "early mean 0.06375" in text and f"step {error.step}" in text
@@ -88,9 +89,9 @@ def test_guard_compares_the_recent_mean_with_the_early_mean():
     # State round trip (checkpoints): a restored guard decides the same.
     restored = DivergenceGuard(factor=5.0, window=4)
     restored.load_state_dict(guard.state_dict())
-    with pytest.raises(TrainingDiverged):
-        restored.observe(99, {"loss_org": 0.7})
-    DivergenceGuard(factor=5.0, window=4, enabled=False).observe(1, {"loss_org": float("nan")})
+    assert isinstance(restored.observe(99, {"loss_org": 0.7}), TrainingDiverged)
+    off = DivergenceGuard(factor=5.0, window=1, enabled=False)
+    assert off.observe(1, {"loss_org": float("nan")}) is None
 
 
 def test_huge_learning_rate_stops_the_run_and_the_guard_can_be_switched_off(tiny_backbone, tmp_path):

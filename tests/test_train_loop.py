@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import signal
 
@@ -14,11 +15,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from motiondirector.config import TrainConfig, apply_overrides, validate_config
-from motiondirector.events import TrainStep
+from motiondirector.config import ConfigError, TrainConfig, apply_overrides, validate_config
+from motiondirector.events import Progress, Recorder, TrainStep
 from motiondirector.lora.inject import Router, adapter_parameters
 from motiondirector.lora.package import read_package
 from motiondirector.losses import spatial_loss, temporal_loss
+from motiondirector.noise_prior import noise_prior_latents
 from motiondirector.train.engine import flat_groups
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.loop import RunFolderError, TrainingInterrupted, train
@@ -272,3 +274,41 @@ def test_the_mode_defaults_to_the_data_kind_and_an_explicit_mode_wins(tiny_backb
               records=images)
     with pytest.raises(RunFolderError, match="changed: mode"):
         train(make_config("steps=4"), tmp_path / "images", resume=True, backbone=tiny_backbone, records=videos)
+
+
+def test_validation_mixes_the_noise_prior_of_the_first_training_video(tiny_backbone, car_turn, tmp_path, monkeypatch):
+    """validation.noise_prior p: prompt i starts from sqrt(p)·z_inv + sqrt(1−p)·ε(seed + i), z_inv the
+    (cached) DDIM inversion of the first training video, as generate's --noise-prior."""
+    from motiondirector import noise_prior
+    from motiondirector.train import loop
+
+    monkeypatch.setattr(noise_prior, "NOISE_PRIOR_INVERSION_STEPS", 4)  # the method's 50, fewer for speed
+    started = []
+    monkeypatch.setattr(loop, "sample_videos", lambda backbone, prompts, settings, initial_noise: (
+        started.append(initial_noise.clone()), torch.zeros(1, settings.frames, 32, 32, 3))[1])
+    records = [dataclasses.replace(r, video_path=str(car_turn)) for r in synthetic_records(tiny_backbone, videos=2)]
+    validation = ("steps=1", "validation.every=1", "validation.steps=2", "validation.frames=4",
+                  "validation.size=[32, 32]", "validation.fps=8", "validation.seed=5", f"cache_dir={tmp_path / 'cache'}")
+    recorder = Recorder()
+    train(make_config(*validation, "validation.noise_prior=0.5"), tmp_path / "prior", backbone=tiny_backbone,
+          records=records, observers=[recorder])
+    inversion = [(e.phase, e.done, e.total, e.label) for e in recorder.of(Progress)]
+    assert inversion == [("noise_prior", done, 4, str(car_turn)) for done in range(1, 5)]
+    train(make_config(*validation), tmp_path / "plain", backbone=tiny_backbone, records=records)
+    with_prior, plain = started
+    z_inv = noise_prior_latents(  # read back from the cache the run filled
+        tiny_backbone, car_turn, frames=4, size=(32, 32), fps=8.0, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "noise_prior").glob("*.safetensors"))) == 1
+    torch.testing.assert_close(with_prior, math.sqrt(0.5) * z_inv + math.sqrt(0.5) * plain)
+    assert not torch.allclose(with_prior, plain)
+
+    # An explicit reference wins; a reference without a prior, or images without one, are refused.
+    with pytest.raises(ConfigError, match="validation.noise_prior > 0"):
+        make_config(f"validation.reference={car_turn}")
+    images = [dataclasses.replace(r, is_image=True) for r in records]
+    with pytest.raises(ValueError, match="set validation.reference"):
+        train(make_config(*validation, "validation.noise_prior=0.5"), tmp_path / "images", backbone=tiny_backbone,
+              records=images)
+    train(make_config(*validation, "validation.noise_prior=0.5", f"validation.reference={car_turn}"),
+          tmp_path / "images-ref", backbone=tiny_backbone, records=images)
+    torch.testing.assert_close(started[-1], with_prior)  # the same clip, geometry and seed: the same prior

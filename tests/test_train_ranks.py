@@ -16,7 +16,7 @@ from test_train_loop import make_config, metrics, weights
 from motiondirector.events import CheckpointWritten, Recorder, TrainStarted, TrainStep
 from motiondirector.train.engine import _free_port
 from motiondirector.train.loop import TrainingInterrupted, train
-from motiondirector.train.ranks import Ranks, resolve_ranks, shard, stream_seed
+from motiondirector.train.ranks import Ranks, resolve_ranks, shard, shard_group, stream_seed
 from motiondirector.train.synthetic import synthetic_records
 
 # Two videos (two spatial LoRAs), spatial skips and LoRA dropout: adapters sit steps out on one rank
@@ -25,10 +25,10 @@ OVERRIDES = ("steps=4", "spatial_skip_probability=0.5", "optimizer.weight_decay=
 TIMEOUT_S = 300
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str, tmp: str, overrides: tuple[str, ...]) -> None:
-    """One rank: an interrupted run (rank 0 gets SIGTERM after step 2), then --resume to the end."""
+def _rank_main(rank: int, world: int, port: int, model_dir: str, tmp: str,
+               runs: dict[str, tuple[str, ...]]) -> None:
+    """One rank of each run in turn (one process start for all: spawning costs most of the time)."""
     from motiondirector.backbones import load_backbone
-    from motiondirector.lora.inject import adapter_parameters
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -36,37 +36,47 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, tmp: str, overr
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         backbone = load_backbone(model_dir, "cpu")
-        records = synthetic_records(backbone, videos=2)
-        config = make_config(*overrides)
-        out = Path(tmp) / f"rank{rank}"  # each rank names its own folder: only rank 0's may appear
-        recorder, final, resumed = Recorder(), {}, []
-
-        def observe(event):
-            recorder(event)
-            if isinstance(event, TrainStep) and event.step == 2 and rank == 0 and not resumed:
-                os.kill(os.getpid(), signal.SIGTERM)  # one rank stops: all must checkpoint and stop
-            if isinstance(event, TrainStep) and event.step == config.steps:
-                final.update({name: [p.detach().clone() for p in adapter_parameters(backbone.unet, name)]
-                              for name in ("spatial_0", "spatial_1", "temporal")})
-
-        interrupted = None
-        try:
-            train(config, out, backbone=backbone, records=records, observers=[observe])
-        except TrainingInterrupted as stopped:
-            interrupted = stopped.step
-        resumed.append(True)
-        summary = train(config, out, resume=True, backbone=backbone, records=records, observers=[observe])
-        torch.save({"interrupted": interrupted, "summary": summary.to_json(), "weights": final,
-                    "steps": [e.metrics for e in recorder.of(TrainStep)],
-                    "started": [(e.rank, e.world_size, e.start_step) for e in recorder.of(TrainStarted)],
-                    "checkpoints": [e.step for e in recorder.of(CheckpointWritten)]},
-                   Path(tmp) / f"result-{rank}.pt")
+        for label, overrides in runs.items():
+            _interrupted_and_resumed(rank, backbone, Path(tmp) / label, overrides)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def run_ranks(world: int, tiny_model_dir: Path, tmp: Path, overrides: tuple[str, ...]) -> list[dict]:
-    context = mp.start_processes(_rank_main, args=(world, _free_port(), str(tiny_model_dir), str(tmp), overrides),
+def _interrupted_and_resumed(rank: int, backbone, tmp: Path, overrides: tuple[str, ...]) -> None:
+    """One rank's run: interrupted (rank 0 gets SIGTERM after step 2), then --resume to the end."""
+    from motiondirector.lora.inject import adapter_parameters
+
+    records = synthetic_records(backbone, videos=2)
+    config = make_config(*overrides)
+    out = tmp / f"rank{rank}"  # each rank names its own folder: only rank 0's may appear
+    recorder, final, resumed = Recorder(), {}, []
+
+    def observe(event):
+        recorder(event)
+        if isinstance(event, TrainStep) and event.step == 2 and rank == 0 and not resumed:
+            os.kill(os.getpid(), signal.SIGTERM)  # one rank stops: all must checkpoint and stop
+        if isinstance(event, TrainStep) and event.step == config.steps:
+            final.update({name: [p.detach().clone() for p in adapter_parameters(backbone.unet, name)]
+                          for name in ("spatial_0", "spatial_1", "temporal")})
+
+    interrupted = None
+    try:
+        train(config, out, backbone=backbone, records=records, observers=[observe])
+    except TrainingInterrupted as stopped:
+        interrupted = stopped.step
+    resumed.append(True)
+    summary = train(config, out, resume=True, backbone=backbone, records=records, observers=[observe])
+    torch.save({"interrupted": interrupted, "summary": summary.to_json(), "weights": final,
+                "steps": [e.metrics for e in recorder.of(TrainStep)],
+                "started": [(e.rank, e.world_size, e.start_step) for e in recorder.of(TrainStarted)],
+                "checkpoints": [e.step for e in recorder.of(CheckpointWritten)]},
+               tmp / f"result-{rank}.pt")
+
+
+def run_ranks(world: int, tiny_model_dir: Path, tmp: Path, runs: dict[str, tuple[str, ...]]) -> dict[str, list[dict]]:
+    for label in runs:
+        (tmp / label).mkdir()
+    context = mp.start_processes(_rank_main, args=(world, _free_port(), str(tiny_model_dir), str(tmp), runs),
                                  nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
@@ -74,7 +84,8 @@ def run_ranks(world: int, tiny_model_dir: Path, tmp: Path, overrides: tuple[str,
             for process in context.processes:
                 process.kill()
             pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp / f"result-{rank}.pt", weights_only=False) for rank in range(world)]
+    return {label: [torch.load(tmp / label / f"result-{rank}.pt", weights_only=False) for rank in range(world)]
+            for label in runs}
 
 
 def accumulated_reference(tiny_backbone, tmp_path: Path, overrides: tuple[str, ...]) -> Path:
@@ -120,36 +131,47 @@ def check_two_ranks(results: list[dict], tmp_path: Path, reference: Path, atol: 
             torch.testing.assert_close(got[name][key], tensor, rtol=0, atol=atol, msg=f"{name}: {key}")
 
 
-def test_two_ranks_on_gloo_match_one_rank_accumulating_their_draws(tiny_model_dir, tiny_backbone, tmp_path):
-    """Tolerance: 1e-6 absolute per LoRA weight after 4 steps (the sums are the same floats; in practice exact)."""
+def test_two_ranks_on_gloo_torch_and_deepspeed_zero2_match_one_rank_accumulating_their_draws(
+        tiny_model_dir, tiny_backbone, tmp_path):
+    """Both engines, each interrupted and resumed. DeepSpeed: ZeRO-2 over 2 ranks that draw their own
+    clips (adapters computed on one rank only), resumed from a checkpoint holding both ranks'
+    optimizer partitions. Tolerance: 1e-6 absolute per LoRA weight after 4 steps (measured: 0.0)."""
     torch.set_num_threads(1)
-    results = run_ranks(2, tiny_model_dir, tmp_path, OVERRIDES)
-    check_two_ranks(results, tmp_path, accumulated_reference(tiny_backbone, tmp_path, OVERRIDES), atol=1e-6)
-
-
-def test_two_ranks_deepspeed_zero2_with_per_rank_draws(tiny_model_dir, tiny_backbone, tmp_path):
-    """ZeRO-2 over 2 ranks, each drawing its own clips (some adapters computed on one rank only), resumed
-    from a checkpoint holding both ranks' optimizer partitions. Tolerance: 1e-6 absolute per weight."""
-    torch.set_num_threads(1)
-    overrides = (*OVERRIDES, "engine.kind=deepspeed", "engine.zero_stage=2")
-    results = run_ranks(2, tiny_model_dir, tmp_path, overrides)
-    check_two_ranks(results, tmp_path, accumulated_reference(tiny_backbone, tmp_path, OVERRIDES), atol=1e-6)
+    runs = {"torch": OVERRIDES, "deepspeed": (*OVERRIDES, "engine.kind=deepspeed", "engine.zero_stage=2")}
+    results = run_ranks(2, tiny_model_dir, tmp_path, runs)
+    reference = accumulated_reference(tiny_backbone, tmp_path, OVERRIDES)
+    for label in runs:
+        check_two_ranks(results[label], tmp_path / label, reference, atol=1e-6)
 
 
 def test_streams_and_shards():
     # same inputs, same seed; any changed input, another one
     assert stream_seed(0, 0, 1, 0) == stream_seed(0, 0, 1, 0)
     assert len({stream_seed(*key) for key in [(0, 0, 1, 0), (1, 0, 1, 0), (0, 1, 1, 0), (0, 0, 2, 0), (0, 0, 1, 1)]}) == 5
-    assert [shard(5, slot, 2) for slot in range(2)] == [[0, 2, 4], [1, 3]]
+    assert [shard(range(5), slot, 2) for slot in range(2)] == [[0, 2, 4], [1, 3]]
     # fewer records than slots: slot g takes record g mod n
-    assert [shard(2, slot, 4) for slot in range(4)] == [[0], [1], [0], [1]]
+    assert [shard(range(2), slot, 4) for slot in range(4)] == [[0], [1], [0], [1]]
+    # an image and its mirrored copy (weighted variants of one source) stay in one shard
+    images = [shard_group(i, True, i // 2) for i in range(4)]  # 2 images x (original, mirrored)
+    assert [shard(images, slot, 2) for slot in range(2)] == [[0, 1], [2, 3]]
+    assert [shard(images[:2], slot, 2) for slot in range(2)] == [[0, 1], [0, 1]]
+    assert shard([shard_group(i, False, 0) for i in range(3)], 1, 2) == [1]  # clips of one video: per record
     with pytest.raises(ValueError, match="no records"):
-        shard(0, 0, 1)
+        shard([], 0, 1)
 
 
-def test_rank_arguments_without_a_process_group():
+def test_rank_arguments_and_the_process_group(monkeypatch):
+    # (a DeepSpeed test may have initialised a world of one in this process: pretend either way)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     assert resolve_ranks() == Ranks(0, 1)
     with pytest.raises(ValueError, match="needs an initialised torch.distributed"):
         resolve_ranks(1, 2)
     with pytest.raises(ValueError, match="need 0 <= rank"):
         resolve_ranks(1, 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    assert resolve_ranks() == resolve_ranks(1, 3) == resolve_ranks(world_size=3) == Ranks(1, 3)
+    with pytest.raises(ValueError, match="rank 0 of 3 given, but torch.distributed says rank 1 of 3"):
+        resolve_ranks(0)

@@ -92,8 +92,8 @@ def demo(
             s = row["scores"]
             typer.echo(f"{label:9s} {row['files']['mp4']}: motion fidelity {s['fidelity']:+.2f}, colour "
                           f"{'ok' if s['colour'] else 'wrong'}, shape {'ok' if s['shape'] else 'wrong'}, background "
-                          f"{'ok' if s['background'] else 'wrong'}, reference appearance leaked: "
-                          f"{'yes' if s['leak_any'] else 'no'}")
+                          f"{'ok' if s['background'] else 'wrong'}, one object in {s['one_object']:.0%} of frames, "
+                          f"reference appearance leaked: {'yes' if s['leak_any'] else 'no'}")
     typer.echo(f"reference clip: {reference_files[0]}\nmotion LoRA: {summary.packages['temporal']}")
 
 

@@ -102,6 +102,9 @@ def generate(
     negative_prompt: NegativeOption = "",
     steps: StepsOption = None,
     guidance: GuidanceOption = None,
+    guidance_rescale: Annotated[float, typer.Option(
+        "--guidance-rescale", min=0.0, max=1.0, help="Guidance rescale φ (Lin et al. 2024; 0.7 for "
+        "zero-terminal-SNR bases with strong guidance); 0 = off.")] = 0.0,
     frames: FramesOption = None,
     size: SizeOption = None,
     fps: FpsOption = None,
@@ -128,6 +131,7 @@ def generate(
                                          base=base, prompts=prompt, motions=motion, motion_scales=motion_scale,
                                          appearances=appearance, appearance_scales=appearance_scale, size=size,
                                          negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                         guidance_rescale=guidance_rescale,
                                          frames=frames, fps=fps, seed=seed, noise_prior=noise_prior,
                                          reference_video=str(reference) if reference else None, fuse=fuse)
         api.save_videos(videos, out)

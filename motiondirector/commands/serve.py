@@ -38,6 +38,8 @@ def serve_command(config: ConfigOption = None, base: BaseOption = None, catalog:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 console.print("stopping", highlight=False)
+    except KeyboardInterrupt:  # while the app was still starting (after that, Ctrl-C is the normal stop)
+        raise fail("interrupted while starting", ExitCode.INTERRUPTED) from None
     except AppDidNotStart as error:
         raise fail(f"the application did not start: {error}",
                    ExitCode.MODEL_UNAVAILABLE if error.model_unavailable else ExitCode.FAILED) from None

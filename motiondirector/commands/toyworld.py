@@ -53,25 +53,42 @@ def render_command(
 
 @app.command("pretrain")
 def pretrain_command(
-    out: Annotated[Path, typer.Option("--out", help="Work folder: autoencoder, latent pool, checkpoints, logs.")],
+    out: Annotated[Path, typer.Option("--out", help="Work folder: latent pool, checkpoints, logs.")],
     minutes: Annotated[float, typer.Option("--minutes", min=0.0, help="Denoiser training time in this run.")] = 60.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop at this total step.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop at this step (of the stage).")] = None,
     export: Annotated[Path | None, typer.Option(
         "--export", help="Where the diffusers folder goes; default: the embedded `toy` model folder.")] = None,
+    stage: Annotated[str, typer.Option(
+        "--stage", help="zero-snr: continue a model folder's weights on the zero-terminal-SNR v-prediction "
+                        "schedule (how the shipped model is built); scratch: the v1 epsilon recipe from random "
+                        "weights (autoencoder, pool, denoiser).")] = "zero-snr",
+    init: Annotated[Path | None, typer.Option(
+        "--init", help="zero-snr stage: model folder to warm-start from (default: the embedded `toy` model; a "
+                       "zero-SNR export continues its recorded step count).")] = None,
     threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch.")] = 2,
+    export_minutes: Annotated[float, typer.Option(
+        "--export-minutes", min=0.0, help="zero-snr stage: also export every this many minutes (0: at the end).")] = 0.0,
     high_noise_share: Annotated[float, typer.Option(
         "--high-noise-share", min=0.0, max=1.0,
         help="Share of each batch drawn from the noisier half of the timesteps.")] = 0.5,
     high_noise_weight: Annotated[float, typer.Option(
-        "--high-noise-weight", min=1.0, help="Cap of the extra loss weight 1/SNR at high noise (1 = none).")] = 10.0,
+        "--high-noise-weight", min=1.0, help="scratch stage: cap of the extra loss weight 1/SNR at high noise.")] = 10.0,
 ) -> None:
-    """Pretrain the toy base model (autoencoder, then UNet3D + text encoder); resumable in chunks."""
+    """Pretrain the toy base model; resumable in chunks (see docs/toyworld.md for the shipped recipe)."""
     from dataclasses import replace
 
-    from motiondirector.toyworld.pretrain import EMBEDDED_MODEL_FOLDER, PretrainSettings, pretrain
+    from motiondirector.toyworld.pretrain import (
+        EMBEDDED_MODEL_FOLDER,
+        PretrainSettings,
+        ZeroSnrSettings,
+        pretrain,
+        zero_snr_pretrain,
+    )
 
     with reported_errors(), _progress() as progress:
+        if stage not in ("zero-snr", "scratch"):
+            raise ValueError(f"--stage {stage!r}: expected zero-snr or scratch")
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: int, total: int) -> None:
@@ -80,11 +97,16 @@ def pretrain_command(
                 tasks[stage] = progress.add_task(stage + unit, total=total)
             progress.update(tasks[stage], completed=done)
 
-        recipe = pretrain(out, minutes=minutes, resume=resume, max_steps=max_steps,
-                          export_to=export or EMBEDDED_MODEL_FOLDER,
-                          settings=replace(PretrainSettings(), threads=threads, high_noise_share=high_noise_share,
-                                           high_noise_weight=high_noise_weight),
-                          echo=lambda message: console.print(message, highlight=False), on_progress=on_progress)
+        common = {"minutes": minutes, "resume": resume, "max_steps": max_steps,
+                  "export_to": export or EMBEDDED_MODEL_FOLDER,
+                  "echo": lambda message: console.print(message, highlight=False), "on_progress": on_progress}
+        if stage == "zero-snr":
+            recipe = zero_snr_pretrain(out, init=init or EMBEDDED_MODEL_FOLDER, **common, settings=replace(
+                ZeroSnrSettings(), threads=threads, high_noise_share=high_noise_share, export_minutes=export_minutes))
+        else:
+            recipe = pretrain(out, **common, settings=replace(
+                PretrainSettings(), threads=threads, high_noise_share=high_noise_share,
+                high_noise_weight=high_noise_weight))
     console.print(f"exported step {recipe['denoiser_steps']} to {export or EMBEDDED_MODEL_FOLDER}")
 
 
@@ -157,6 +179,8 @@ def benchmark_command(
     high_share: Annotated[float, typer.Option("--high-share", min=0.0, max=1.0, help=(
         "Share of LoRA training steps drawing t from [--high-from, T) (config timesteps.high_share)."))] = 0.0,
     high_from: Annotated[int, typer.Option("--high-from", min=0)] = 800,
+    modes: Annotated[list[str] | None, typer.Option(
+        "--modes", help="Modes to run, in this order; repeat (default: base coupled dual_path_no_ad dual_path).")] = None,
     guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
     sampling_steps: Annotated[int, typer.Option("--sampling-steps", min=1)] = 20,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -176,7 +200,7 @@ def benchmark_command(
         settings = BenchmarkSettings(
             motion=motion, reference=reference, videos=tuple(videos or (1, 3)), prompts=prompts, seeds=seeds,
             steps=steps, rank=rank, lr=lr, ad_beta=beta, high_share=high_share, high_from=high_from,
-            seed=seed,
+            seed=seed, **({"modes": tuple(modes)} if modes else {}),
             sampling=replace(TOY_SAMPLING, guidance=guidance, steps=sampling_steps))
         backbone = load_backbone(base, device)
         result = run_benchmark(backbone, settings, out,
@@ -189,6 +213,74 @@ def benchmark_command(
     else:
         sys.stdout.write(markdown)
         console.print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, grids and gifs in {out}")
+
+
+@app.command("diagnose")
+def diagnose_command(
+    base: Annotated[str, typer.Option("--base", help="Model to diagnose.")] = "toy",
+    probes: Annotated[list[str] | None, typer.Option(
+        "--probe", help="leak, accuracy or steer; repeat for several (default: all three).")] = None,
+    leak_clips: Annotated[int, typer.Option("--leak-clips", min=1, help="(a) noised clips.")] = 32,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="(b) seeds per directional motion.")] = 32,
+    steer_seeds: Annotated[int, typer.Option("--steer-seeds", min=1, help="(c) seeds, base and LoRA.")] = 32,
+    steer_prompt: Annotated[str, typer.Option("--steer-prompt", help="(c) the training clip's caption.")] = (
+        "a red circle moving right on a grey background"),
+    steer_mode: Annotated[str, typer.Option("--steer-mode", help="(c) coupled or dual_path.")] = "dual_path",
+    steer_steps: Annotated[int, typer.Option("--steer-steps", min=1, help="(c) LoRA training steps.")] = 300,
+    guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = 20,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for diagnose.json/.md, a grid and the LoRA run (default: a temporary folder).")] = None,
+    docs: Annotated[Path | None, typer.Option(
+        "--docs", help="Also replace the diagnose section of this markdown file (docs/toyworld.md).")] = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Does the base's motion follow the words? Direction leak, direction accuracy, LoRA steerability."""
+    import json
+    import tempfile
+    from dataclasses import replace
+
+    from motiondirector.api import atomic_write, load_backbone, write_grid_png
+    from motiondirector.toyworld.diagnose import (
+        DiagnoseSettings,
+        diagnose,
+        diagnose_markdown,
+        grid_rows,
+        without_samples,
+    )
+    from motiondirector.toyworld.evaluate import TOY_SAMPLING, replace_docs_section
+
+    with reported_errors(), tempfile.TemporaryDirectory(prefix="toyworld-diagnose-") as scratch:
+        chosen = tuple(dict.fromkeys(probes or ("leak", "accuracy", "steer")))
+        unknown = [p for p in chosen if p not in ("leak", "accuracy", "steer")]
+        if unknown:
+            raise ValueError(f"--probe {', '.join(unknown)}: expected leak, accuracy or steer")
+        if steer_mode not in ("coupled", "dual_path", "dual_path_no_ad"):
+            raise ValueError(f"--steer-mode {steer_mode!r}: expected coupled, dual_path or dual_path_no_ad")
+        settings = DiagnoseSettings(leak_clips=leak_clips, seeds=seeds, steer_seeds=steer_seeds,
+                                    steer_prompt=steer_prompt, steer_mode=steer_mode, steer_steps=steer_steps,
+                                    seed=seed, sampling=replace(TOY_SAMPLING, guidance=guidance, steps=steps))
+        backbone = load_backbone(base, device)
+        folder = out or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        result = diagnose(backbone, settings, folder, probes=chosen,
+                          on_stage=lambda stage: console.print(f"diagnose: {stage}", highlight=False))
+        markdown = diagnose_markdown(result, _invocation("diagnose"))
+        plain = without_samples(result)
+        if out is not None:
+            atomic_write(out / "diagnose.md", markdown.encode())
+            atomic_write(out / "diagnose.json", json.dumps(plain, indent=2, default=str).encode())
+            grid = grid_rows(result)
+            if grid is not None:
+                write_grid_png(grid.reshape(-1, *grid.shape[2:]), out / "diagnose.png", columns=grid.shape[1])
+        if docs is not None:
+            replace_docs_section(docs, "diagnose", markdown)
+    if as_json:
+        print_json(plain)
+    else:
+        sys.stdout.write(markdown)
 
 
 def _invocation(command: str) -> str:

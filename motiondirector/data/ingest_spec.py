@@ -39,6 +39,12 @@ class IngestSpec(BaseModel):
     encoders: int = Field(1, ge=1, description="Encoder actors (one model copy each; one GPU each when present).")
     batch_size: int = Field(4, ge=1, description="Clips per encoder call.")
     encoder_memory_gib: float | None = Field(None, gt=0, description="Memory Ray reserves per encoder actor.")
+    encoder_cpus: float | None = Field(None, ge=0, description="CPUs Ray reserves per encoder actor (default 1; keep "
+                                       "the total below the cluster's CPUs, or no decode task fits beside them).")
+    encoder_threads: int | None = Field(None, ge=1, description="torch threads inside each encoder actor "
+                                        "(default: Ray's, i.e. the reserved CPUs rounded down, at least 1).")
+    decode_cpus: float | None = Field(None, gt=0, description="CPUs Ray reserves per decode task (default 1).")
+    files_per_decode_task: int = Field(1, ge=1, description="Source files decoded by one decode task.")
     datasets: list[IngestDataset] = Field(min_length=1)
 
     # Custom Ray resources (node labels set with `ray start --resources`) that pin a stage to the nodes

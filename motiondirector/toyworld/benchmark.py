@@ -163,12 +163,20 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
     write_gif(clips[0].frames, out / "reference.gif")
     rows, grids = [], {}
     base_result = None
+    progress = out / "rows.jsonl"  # one complete row per line as it is measured (a long run's partial results)
+    progress.write_text("")
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        with progress.open("a") as log:
+            log.write(json.dumps(row) + "\n")
+
     for videos in settings.videos:
         records = clip_records(backbone, clips[:videos])
         for mode in settings.modes:
             label = f"{videos} video{'s' if videos > 1 else ''}"
             if mode == "base" and base_result is not None:
-                rows.append({**base_result, "setting": label})
+                add({**base_result, "setting": label})
                 continue
             on_stage(f"{label}: {mode}")
             train_seconds = 0.0
@@ -181,7 +189,7 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
                                     records=records)
                 except TrainingDiverged as diverged:  # a row that says so, not a lost benchmark
                     on_stage(f"{label}: {mode}: {diverged}")
-                    rows.append({"setting": label, "mode": mode, "diverged": str(diverged), "metrics": {}})
+                    add({"setting": label, "mode": mode, "diverged": str(diverged), "metrics": {}})
                     continue
                 train_seconds = summary.seconds
                 with composed(backbone, _inference_choices(summary.packages, mode)):
@@ -191,10 +199,10 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
             for row in scores:
                 row["appearance"] = float(np.mean([row[a] for a in ATTRIBUTES]))
             result = {"setting": label, "mode": mode, "train_seconds": round(train_seconds, 1),
-                      "metrics": summarize(scores)}
+                      "metrics": summarize(scores), "samples": scores}
             if mode == "base":
                 base_result = result
-            rows.append(result)
+            add(result)
             grids.setdefault(label, []).append(frames[:4])
             write_gif(frames[0], out / "gifs" / f"{videos}v-{mode}.gif")
     for label, per_mode in grids.items():

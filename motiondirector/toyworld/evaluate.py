@@ -19,6 +19,7 @@ from motiondirector.toyworld.probes import (
     mean_ci,
     motion_fidelity,
     motion_scores,
+    one_object_share,
     probe,
 )
 from motiondirector.toyworld.render import HELD_OUT_MOTION, PRETRAIN_MOTIONS, Scene, all_scenes, render
@@ -45,7 +46,7 @@ def generate_scenes(backbone: BackboneSpec, scenes: Sequence[Scene], seeds: Sequ
     The noise of a seed does not depend on the batch or the model's LoRAs, so every mode of the
     benchmark starts from the same noise (as the paper compares).
     """
-    from motiondirector.generate import initial_noise
+    from motiondirector.noise_prior import initial_noise
 
     videos = []
     for start in range(0, len(scenes), batch):
@@ -59,7 +60,8 @@ def generate_scenes(backbone: BackboneSpec, scenes: Sequence[Scene], seeds: Sequ
 
 def score_sample(frames: torch.Tensor, asked: Scene, seed: int, reference: Scene | None = None,
                  reference_trajectory: np.ndarray | None = None) -> dict[str, float | bool | None]:
-    """Appearance hits per attribute, motion scores, and (with a reference scene) leakage per attribute.
+    """Appearance hits per attribute, motion scores, the share of frames with exactly one object, and
+    (with a reference scene) leakage per attribute.
 
     Motion compares with `reference_trajectory`, or else with a ground-truth render of `asked`:
     `fidelity` is the mean correlation over the moving signals; `motion_scores` adds the per-axis
@@ -72,6 +74,7 @@ def score_sample(frames: torch.Tensor, asked: Scene, seed: int, reference: Scene
     scores: dict[str, float | bool | None] = dict(appearance_hits(found, asked))
     scores["fidelity"] = motion_fidelity(found.trajectory, reference_trajectory)
     scores.update(motion_scores(found.trajectory, reference_trajectory))
+    scores["one_object"] = one_object_share(frames)
     if reference is not None:
         scores.update({f"leak_{name}": hit for name, hit in leakage_hits(found, asked, reference).items()})
     return scores
@@ -136,10 +139,11 @@ def report_markdown(report: dict, command: str) -> str:
              f"{report['prompts']} prompt/seed pairs of the pretraining motions and {report['held_out_prompts']} "
              f"of the held-out motion `{held['name']}`; DDIM {report['sampling']['steps']} steps, guidance "
              f"{report['sampling']['guidance']}. Mean ± 95% CI.", "",
-             "| prompts | " + " | ".join(f"{a} accuracy" for a in ATTRIBUTES) + " | motion fidelity |",
-             "|---|" + "---|" * (len(ATTRIBUTES) + 1)]
+             "| prompts | " + " | ".join(f"{a} accuracy" for a in ATTRIBUTES) + " | motion fidelity | one object per frame |",
+             "|---|" + "---|" * (len(ATTRIBUTES) + 2)]
     for label, row in (("pretraining motions", pre), (f"held-out `{held['name']}`", held)):
-        cells = [format_cell(row[a], True) for a in ATTRIBUTES] + [format_cell(row["fidelity"], False)]
+        cells = [format_cell(row[a], True) for a in ATTRIBUTES] + [format_cell(row["fidelity"], False),
+                                                                    format_cell(row["one_object"], True)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| motion | " + " | ".join(report["fidelity_per_motion"]) + " |",
               "|---|" + "---|" * len(report["fidelity_per_motion"]),

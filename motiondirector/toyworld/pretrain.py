@@ -128,9 +128,10 @@ def train_autoencoder(vae, settings: PretrainSettings, log: Callable[[str], None
 # --- stage 2: latent pool ------------------------------------------------------------------
 
 @torch.no_grad()
-def build_pool(vae, settings: PretrainSettings, on_step: Callable[[int, int], None]) -> dict:
-    """Encode every pretraining scene at several seeds; latents stay unscaled until training."""
-    scenes = all_scenes(PRETRAIN_MOTIONS)
+def build_pool(vae, settings: PretrainSettings, on_step: Callable[[int, int], None],
+               motions: tuple[str, ...] = PRETRAIN_MOTIONS) -> dict:
+    """Encode every scene of `motions` at several seeds; latents stay unscaled until training."""
+    scenes = all_scenes(motions)
     items = [(index, seed) for index in range(len(scenes)) for seed in range(settings.pool_seeds_per_scene)]
     latents = []
     for done, (index, seed) in enumerate(items):
@@ -211,6 +212,61 @@ def quality_probe(components: dict, prompts: list[Scene], seed: int, steps: int 
         reference = render(scene, frames=FRAMES, size=SIZE, seed=seed + index).trajectory
         scores["fidelity"].append(motion_fidelity(found.trajectory, reference))
     return {name: round(mean_ci(values)[0], 4) for name, values in scores.items()}
+
+
+def _draw_batch(latents: torch.Tensor, scene_index: torch.Tensor, caption_ids: torch.Tensor, empty_id: int,
+                settings, scheduler, rng: torch.Generator):
+    """One training batch from the pool: clean latents, noise, timesteps, noisy latents, caption ids
+    (a `caption_dropout` share of them emptied for classifier-free guidance)."""
+    index = torch.randint(0, len(latents), (settings.batch,), generator=rng)
+    clean = latents[index]
+    ids = caption_ids[scene_index[index]]
+    dropped = torch.rand(settings.batch, generator=rng) < settings.caption_dropout
+    ids[dropped] = caption_ids[empty_id]
+    noise = torch.randn(clean.shape, generator=rng)
+    timesteps = draw_timesteps(settings.batch, scheduler.config.num_train_timesteps, settings.high_noise_share, rng)
+    return clean, noise, timesteps, scheduler.add_noise(clean, noise, timesteps), ids
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer, parameters: list, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
+def _write_probe(out: Path, components: dict, scenes: list[Scene], step: int, seconds: float,
+                 log: Callable[[str], None]) -> None:
+    scores = quality_probe(components, scenes, seed=step)
+    with open(out / "probes.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": step, "minutes": round(seconds / 60, 1), **scores}) + "\n")
+    log(f"probe at step {step}: {scores}")
+
+
+def _training_loop(step: int, seconds: float, *, minutes: float, max_steps: int | None,
+                   train_step: Callable[[int], float], every: list[tuple[float, Callable[[int, float], None]]],
+                   log: Callable[[str], None], progress: Callable[[str, int, int], None]) -> tuple[int, float]:
+    """Call `train_step(step)` until `minutes` pass or `max_steps` is reached; each (period, callback)
+    of `every` runs every `period` minutes with (step, training seconds). Returns (step, seconds)."""
+    budget = minutes * 60
+    session_start = time.time()
+    last = [session_start] * len(every)
+    losses: list[float] = []
+    while time.time() - session_start < budget and (max_steps is None or step < max_steps):
+        tick = time.time()
+        losses.append(train_step(step))
+        step += 1
+        seconds += time.time() - tick
+        progress("denoiser", int(time.time() - session_start), int(budget))
+        if step % 50 == 0:
+            log(f"step {step} loss {np.mean(losses[-50:]):.4f} ({seconds / step:.2f} s/step)")
+        for index, (period, callback) in enumerate(every):
+            if time.time() - last[index] > period * 60:
+                callback(step, seconds)
+                last[index] = time.time()
+    return step, seconds
 
 
 def _components_from_state(settings: PretrainSettings, state: dict) -> dict:
@@ -313,48 +369,31 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
     probe_scenes = [all_scenes(PRETRAIN_MOTIONS)[i] for i in
                     torch.randperm(len(all_scenes(PRETRAIN_MOTIONS)), generator=torch.Generator().manual_seed(1))
                     [:settings.probe_prompts].tolist()]
-    budget = minutes * 60
-    session_start = last_save = last_probe = time.time()
-    unet.train()
-    text_encoder.train()
-    losses: list[float] = []
-    while time.time() - session_start < budget and (max_steps is None or step < max_steps):
-        tick = time.time()
-        index = torch.randint(0, len(latents), (settings.batch,), generator=rng)
-        clean = latents[index]
-        ids = caption_ids[pool["scene_index"][index]]
-        dropped = torch.rand(settings.batch, generator=rng) < settings.caption_dropout
-        ids[dropped] = caption_ids[empty_id]
-        noise = torch.randn(clean.shape, generator=rng)
-        timesteps = draw_timesteps(settings.batch, scheduler.config.num_train_timesteps, settings.high_noise_share, rng)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        text = text_encoder(ids)[0]
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
+
+    def train_step(step: int) -> float:
+        clean, noise, timesteps, noisy, ids = _draw_batch(latents, pool["scene_index"], caption_ids, empty_id,
+                                                          settings, scheduler, rng)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3, 4))
         loss = (per_sample * loss_weights(scheduler, timesteps, settings.min_snr_gamma,
                                           settings.high_noise_weight)).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * min(1.0, (step + 1) / settings.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        step += 1
-        ema.update(trained, step)
-        unet_seconds += time.time() - tick
-        losses.append(loss.item())
-        progress("denoiser", int(time.time() - session_start), int(budget))
-        if step % 50 == 0:
-            log(f"step {step} loss {np.mean(losses[-50:]):.4f} ({unet_seconds / step:.2f} s/step)")
-        if time.time() - last_save > settings.checkpoint_minutes * 60:
-            save_checkpoint()
-            last_save = time.time()
-        if time.time() - last_probe > settings.probe_minutes * 60:
-            scores = quality_probe(ema_components(), probe_scenes, seed=step)
-            with open(out / "probes.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": step, "minutes": round(unet_seconds / 60, 1), **scores}) + "\n")
-            log(f"probe at step {step}: {scores}")
-            last_probe = time.time()
+        _optimizer_step(loss, optimizer, parameters, settings.lr * min(1.0, (step + 1) / settings.warmup_steps))
+        ema.update(trained, step + 1)
+        return loss.item()
+
+    def write_probe(step: int, seconds: float) -> None:
+        _write_probe(out, ema_components(), probe_scenes, step, seconds, log)
+
+    def save(step_now: int, seconds_now: float) -> None:
+        nonlocal step, unet_seconds
+        step, unet_seconds = step_now, seconds_now
+        save_checkpoint()
+
+    unet.train()
+    text_encoder.train()
+    step, unet_seconds = _training_loop(step, unet_seconds, minutes=minutes, max_steps=max_steps, train_step=train_step,
+                                        every=[(settings.checkpoint_minutes, save), (settings.probe_minutes, write_probe)],
+                                        log=log, progress=progress)
     save_checkpoint()
     recipe = {
         "builder": "motiondirector.toyworld.pretrain", "seed": settings.seed, "denoiser_steps": step,
@@ -371,8 +410,259 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
     return recipe
 
 
-def export(components: dict, folder: Path, recipe: dict) -> Path:
-    """Write the diffusers folder next to `folder`, then swap it in (never half-written)."""
+def export(components: dict, folder: Path, recipe: dict, extra: dict[str, dict] | None = None) -> Path:
+    """Write the diffusers folder (plus `extra` JSON files) next to `folder`, then swap it in (never half-written)."""
     with staged_folder(folder, replace=True) as staging:
         save_model_folder(components, staging, recipe=recipe)
+        for name, content in (extra or {}).items():
+            (staging / name).write_text(json.dumps(content, indent=2) + "\n")
     return folder
+
+
+# --- v2: zero-terminal-SNR, v-prediction continuation -----------------------------------------
+# The shipped epsilon model read each clip's direction from the noisy input even at t = T (final
+# SNR 0.0047), so direction words got no gradient (docs/toyworld.md, diagnosis). This stage
+# continues training its weights with a schedule whose last timestep is pure noise, so at t = T only
+# the text can supply the motion. It warm-starts from a model folder: the shipped v1 weights, or a
+# v2 export when a run continues from what is committed and its optimizer checkpoint is gone.
+
+MODEL_DEFAULTS = {"defaults": {"frames": FRAMES, "height": SIZE, "width": SIZE, "fps": 8, "steps": 20,
+                               "guidance": 6.0}}
+ZERO_SNR_STAGE = "zero-SNR v-prediction continuation"
+
+
+def zero_snr_scheduler():
+    """ZeroScope's DDIM class and betas, rescaled to zero terminal SNR, v-prediction, trailing spacing."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, rescale_betas_zero_snr=True,
+                         timestep_spacing="trailing", prediction_type="v_prediction")
+
+
+@dataclass(frozen=True)
+class ZeroSnrSettings:
+    seed: int = 1
+    pool_seeds_per_scene: int = 10
+    batch: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    # v-loss weight min(1 + SNR, gamma) / (1 + SNR): 1 at SNR 0 (t = T), min-SNR-like at low noise.
+    snr_gamma: float = 5.0
+    high_noise_share: float = 0.5
+    ema_decay: float = 0.999
+    checkpoint_minutes: float = 4.0
+    probe_minutes: float = 20.0
+    probe_prompts: int = 16
+    pool_motions: tuple[str, ...] = PRETRAIN_MOTIONS  # all of them; fewer only for tests
+    # Also export the EMA weights every this many minutes while training (0: only at the end).
+    export_minutes: float = 0.0
+    threads: int = 2
+
+
+def v_loss_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(1 + SNR, gamma) / (1 + SNR): finite at SNR = 0, down-weights the easy low-noise steps."""
+    alphas = scheduler.alphas_cumprod[timesteps]
+    one_plus_snr = 1.0 / (1.0 - alphas).clamp(min=1e-8)  # 1 + SNR = 1 / (1 - alpha_bar)
+    return torch.clamp(one_plus_snr, max=gamma) / one_plus_snr
+
+
+def load_model_components(folder: Path) -> dict:
+    """A diffusers model folder as trainable components (float32, CPU)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    if not (folder / "unet" / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: not a model folder (no unet/config.json) to warm-start from")
+    return {"unet": UNet3DConditionModel.from_pretrained(folder / "unet"),
+            "vae": AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False),
+            "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder"),
+            "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            "scheduler": DDIMScheduler.from_pretrained(folder / "scheduler")}
+
+
+@torch.no_grad()
+def text_feature_gaps(text_encoder, tokenizer) -> dict[str, float]:
+    """L2 distance of the text encoder's output for captions that differ in one word (motion vs colour)."""
+    base = Scene("red", "square", "grey", "left")
+    pairs = {"left/right": (base, base.replace(motion="right")),
+             "up/down": (base.replace(motion="up"), base.replace(motion="down")),
+             "grow/shrink": (base.replace(motion="grow"), base.replace(motion="shrink")),
+             "red/blue": (base, base.replace(colour="blue"))}
+    gaps = {}
+    for name, (first, second) in pairs.items():
+        ids = tokenizer([first.caption, second.caption], padding="max_length",
+                        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        features = text_encoder(ids)[0]
+        gaps[name] = round(float((features[0] - features[1]).norm()), 3)
+    return gaps
+
+
+def _stage_of(recipe: dict) -> dict | None:
+    return next((s for s in recipe.get("stages", []) if s.get("name") == ZERO_SNR_STAGE), None)
+
+
+def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_FOLDER, resume: bool = False,
+                      max_steps: int | None = None, export_to: Path | None = EMBEDDED_MODEL_FOLDER,
+                      settings: ZeroSnrSettings | None = None, echo: Callable[[str], None] = print,
+                      on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Continue a model folder's weights on the zero-SNR v-prediction schedule for up to `minutes`.
+
+    Resumes from `out/checkpoint.pt` when it exists (with --resume); otherwise warm-starts from
+    `init` (a v1 model starts the stage at step 0; a v2 export continues its recorded step count with
+    a fresh optimizer, recorded as a phase). `max_steps` counts steps of this stage. Returns the recipe.
+    """
+    settings = settings or ZeroSnrSettings()
+    out = Path(out)
+    checkpoint_path = out / "checkpoint.pt"
+    if checkpoint_path.exists() and not resume:
+        raise ValueError(f"{out} already holds a pretraining run ({checkpoint_path}); pass --resume to continue "
+                         "it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(settings.threads)
+    progress = on_progress or (lambda stage, done, total: None)
+
+    def log(message: str) -> None:
+        _log(out, message, echo)
+
+    init = Path(init)
+    init_recipe_path = out / "init_recipe.json"
+    if checkpoint_path.exists():
+        init_recipe = json.loads(init_recipe_path.read_text())
+    else:
+        init_recipe = json.loads((init / "recipe.json").read_text()) if (init / "recipe.json").exists() else {}
+        atomic_write(init_recipe_path, json.dumps(init_recipe, indent=2).encode())
+    components = load_model_components(init)
+    components["scheduler"] = zero_snr_scheduler()
+    vae, unet, text_encoder, scheduler = (components[k] for k in ("vae", "unet", "text_encoder", "scheduler"))
+    scaling = float(vae.config.scaling_factor)
+
+    pool_path = out / "pool.pt"
+    if pool_path.exists():
+        pool = torch.load(pool_path, weights_only=True)
+    else:
+        started = time.time()
+        pool = build_pool(vae, settings, lambda d, t: progress("latent pool", d, t), settings.pool_motions)
+        pool["seconds"] = time.time() - started
+        _atomic_torch_save(pool, pool_path)
+        log(f"pool: {len(pool['latents'])} clips of {', '.join(settings.pool_motions)} in {pool['seconds'] / 60:.1f} min")
+    latents = pool["latents"] * scaling
+    tokenizer = components["tokenizer"]
+    caption_ids = tokenizer(pool["captions"] + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+    empty_id = len(pool["captions"])
+
+    trained = [unet, text_encoder]
+    parameters = [p for module in trained for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=1e-2)
+    ema = _Ema(trained, settings.ema_decay)
+    rng = torch.Generator().manual_seed(settings.seed)
+    previous = _stage_of(init_recipe)
+    step, seconds = (previous["steps"], previous["minutes"] * 60) if previous else (0, 0.0)
+    warmup_from = step
+    phases: list[dict] = [dict(p) for p in previous["phases"]] if previous else []
+    current = {"threads": settings.threads, "batch": settings.batch, "lr": settings.lr,
+               "high_noise_share": settings.high_noise_share, "snr_gamma": settings.snr_gamma}
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        for shadow, saved in zip(ema.shadow, state["ema"], strict=True):
+            shadow.load_state_dict(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        step, seconds, phases = state["step"], state["seconds"], state["phases"]
+        warmup_from = state["warmup_from"]
+        log(f"resumed at step {step} ({seconds / 60:.1f} min trained)")
+        if {k: phases[-1].get(k) for k in current} != current:
+            phases.append({"first_step": step, "first_minute": round(seconds / 60, 2), **current})
+    else:
+        start = "shipped epsilon weights" if previous is None else "exported EMA weights, fresh optimizer"
+        phases.append({"first_step": step, "first_minute": round(seconds / 60, 2), "warm_start": start,
+                       "init": "embedded toy" if init.resolve() == EMBEDDED_MODEL_FOLDER else init.name, **current})
+        rng.manual_seed(settings.seed + step)  # a continued stage does not replay the batches it saw
+        log(f"warm start from {init} ({start}) at stage step {step}")
+        warmup_from = step  # a fresh optimizer warms its learning rate up again
+
+    def save_checkpoint() -> None:
+        _atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                            "ema": [s.state_dict() for s in ema.shadow], "optimizer": optimizer.state_dict(),
+                            "rng": rng.get_state(), "step": step, "seconds": seconds, "phases": phases,
+                            "warmup_from": warmup_from}, checkpoint_path)
+
+    def ema_components() -> dict:
+        return {**components, "unet": ema.shadow[0], "text_encoder": ema.shadow[1]}
+
+    scenes = all_scenes(PRETRAIN_MOTIONS)
+    probe_scenes = [scenes[i] for i in torch.randperm(len(scenes), generator=torch.Generator().manual_seed(1))
+                    [:settings.probe_prompts].tolist()]
+
+    def export_now() -> dict:
+        recipe = zero_snr_recipe(init_recipe, settings, step=step, seconds=seconds, phases=phases,
+                                 pool_clips=len(latents), text_gaps=text_feature_gaps(ema.shadow[1], tokenizer))
+        if export_to is not None:
+            export(ema_components(), Path(export_to), recipe, extra={"motiondirector.json": MODEL_DEFAULTS})
+            log(f"exported stage step {step} to {export_to}; text feature gaps {recipe['stages'][-1]['text_feature_gaps_l2']}")
+        return recipe
+
+    def train_step(step: int) -> float:
+        clean, noise, timesteps, noisy, ids = _draw_batch(latents, pool["scene_index"], caption_ids, empty_id,
+                                                          settings, scheduler, rng)
+        target = scheduler.get_velocity(clean, noise, timesteps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3, 4))
+        loss = (per_sample * v_loss_weights(scheduler, timesteps, settings.snr_gamma)).mean()
+        _optimizer_step(loss, optimizer, parameters,
+                        settings.lr * min(1.0, (step - warmup_from + 1) / settings.warmup_steps))
+        ema.update(trained, step + 1)
+        return loss.item()
+
+    def write_probe(step_now: int, seconds_now: float) -> None:
+        _write_probe(out, ema_components(), probe_scenes, step_now, seconds_now, log)
+
+    def save_and_export(step_now: int, seconds_now: float) -> None:
+        nonlocal step, seconds
+        step, seconds = step_now, seconds_now
+        save_checkpoint()
+        export_now()
+
+    def save(step_now: int, seconds_now: float) -> None:
+        nonlocal step, seconds
+        step, seconds = step_now, seconds_now
+        save_checkpoint()
+
+    unet.train()
+    text_encoder.train()
+    step, seconds = _training_loop(step, seconds, minutes=minutes, max_steps=max_steps, train_step=train_step,
+                                   every=[(settings.checkpoint_minutes, save), (settings.probe_minutes, write_probe),
+                                          (settings.export_minutes or math.inf, save_and_export)],
+                                   log=log, progress=progress)
+    save_checkpoint()
+    return export_now()
+
+
+def zero_snr_recipe(init_recipe: dict, settings: ZeroSnrSettings, *, step: int, seconds: float, phases: list[dict],
+                    pool_clips: int, text_gaps: dict[str, float]) -> dict:
+    """recipe.json of a v2 model: the v1 from-scratch stage as recorded, then this stage."""
+    stages = [s for s in init_recipe.get("stages", []) if s.get("name") != ZERO_SNR_STAGE]
+    if not stages:  # a v1 recipe: its whole record is the first stage
+        stages = [{"name": "epsilon pretraining from scratch", "steps": init_recipe.get("denoiser_steps"),
+                   "minutes": init_recipe.get("timings", {}).get("denoiser_minutes"),
+                   **{k: init_recipe[k] for k in ("timings", "settings", "phases", "pool_clips") if k in init_recipe}}]
+    stage = {"name": ZERO_SNR_STAGE, "steps": step, "minutes": round(seconds / 60, 2),
+             "trained": ["unet", "text_encoder"], "frozen": ["vae"], "pool_clips": pool_clips,
+             "target": "scheduler.get_velocity(clean, noise, t)", "loss_weight": "min(1 + SNR, snr_gamma) / (1 + SNR)",
+             "settings": asdict(settings), "phases": phases, "text_feature_gaps_l2": text_gaps}
+    scheduler = zero_snr_scheduler().config
+    return {
+        "builder": "motiondirector.toyworld.pretrain", "seed": init_recipe.get("seed", 0),
+        "denoiser_steps": sum(s["steps"] or 0 for s in stages) + step,
+        "held_out_motion": HELD_OUT_MOTION, "pretrain_motions": list(PRETRAIN_MOTIONS), "frames": FRAMES,
+        "size": SIZE, "autoencoder_psnr_db": init_recipe.get("autoencoder_psnr_db"),
+        "latent_scaling_factor": init_recipe.get("latent_scaling_factor"),
+        "scheduler": {k: scheduler[k] for k in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing",
+                                                "beta_schedule", "beta_start", "beta_end")},
+        "model": init_recipe.get("model"), "stages": [*stages, stage],
+    }

@@ -254,3 +254,79 @@ def mean_ci(values) -> tuple[float, float]:
     if array.size == 1:
         return float(array[0]), float("nan")
     return float(array.mean()), float(1.96 * array.std(ddof=1) / math.sqrt(array.size))
+
+
+# --- object count and direction ------------------------------------------------------------------
+
+# A pixel this far (RGB Euclidean, [0, 1] units) from the background is part of *some* object, of
+# whatever colour (the fringes a sample may show count too).
+_OBJECT_DISTANCE = 0.25
+# Components smaller than this share of the frame are specks, not objects (as _MIN_AREA).
+_MIN_COMPONENT = _MIN_AREA
+
+
+def _components(mask: np.ndarray, min_pixels: int) -> int:
+    """Number of 8-connected components of a boolean mask with at least `min_pixels` pixels."""
+    height, width = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    count = 0
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        seen[start] = True
+        stack, size = [start], 0
+        while stack:
+            row, column = stack.pop()
+            size += 1
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    r, c = row + dr, column + dc
+                    if 0 <= r < height and 0 <= c < width and mask[r, c] and not seen[r, c]:
+                        seen[r, c] = True
+                        stack.append((r, c))
+        count += size >= min_pixels
+    return count
+
+
+def object_counts(frames) -> list[int]:
+    """Per frame: how many separate objects (connected regions far from the background colour) it shows."""
+    video = _as_float_frames(frames)
+    _, height, width, _ = video.shape
+    background = np.median(video.reshape(-1, 3), axis=0)
+    far = np.linalg.norm(video - background, axis=-1) > _OBJECT_DISTANCE
+    min_pixels = max(1, math.ceil(_MIN_COMPONENT * height * width))
+    return [_components(mask, min_pixels) for mask in far]
+
+
+def one_object_share(frames) -> float:
+    """Share of frames showing exactly one object (the world's rule; target >= 95%)."""
+    counts = object_counts(frames)
+    return sum(count == 1 for count in counts) / len(counts)
+
+
+# Which trajectory column carries each directional motion, and the sign of its change over time
+# (image y points down, so "up" decreases y).
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1),
+                                          "grow": (2, 1), "shrink": (2, -1)}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink", "shrink": "grow"}
+# A sample follows a direction when its slope along that axis has the right sign and at least this
+# share of the reference's size (a still object is not a coin toss that counts half the time).
+_MIN_SLOPE_SHARE = 0.2
+
+
+def _slope(signal: np.ndarray) -> float | None:
+    filled = _fill_gaps(signal)
+    if filled is None or np.isfinite(signal).sum() < 2:
+        return None
+    return float(np.polyfit(np.arange(len(filled)), filled, 1)[0])
+
+
+def follows_direction(generated: np.ndarray, reference: np.ndarray, motion: str) -> bool:
+    """Does a trajectory move along `motion`'s axis the way the reference (a render of `motion`) does?"""
+    if motion not in DIRECTIONS:
+        raise ValueError(f"motion {motion!r} has no direction; directional motions: {', '.join(DIRECTIONS)}")
+    column, _ = DIRECTIONS[motion]
+    wanted, found = _slope(reference[:, column]), _slope(generated[:, column])
+    if wanted is None or found is None or wanted == 0:
+        return False
+    return found * wanted > 0 and abs(found) >= _MIN_SLOPE_SHARE * abs(wanted)

@@ -47,7 +47,8 @@ class DivergenceGuard:
     """Per loss: the mean of its first `window` finite values against the mean of its last `window`.
 
     Once both windows are full and disjoint, a recent mean above `factor` × the early mean stops the
-    run; so do `window` non-finite values in a row. `hint` goes at the end of the message.
+    run; so do `window` non-finite values in a row. `hint` goes at the end of the message. `observe`
+    returns the error instead of raising it, so that all ranks of a distributed run can stop together.
     """
 
     factor: float = 5.0
@@ -59,14 +60,14 @@ class DivergenceGuard:
     seen: dict[str, int] = field(default_factory=dict)
     non_finite: dict[str, int] = field(default_factory=dict)
 
-    def observe(self, step: int, losses: dict[str, float]) -> None:
+    def observe(self, step: int, losses: dict[str, float]) -> TrainingDiverged | None:
         if not self.enabled:
-            return
+            return None
         for key, value in losses.items():
             if not math.isfinite(value):
                 self.non_finite[key] = self.non_finite.get(key, 0) + 1
                 if self.non_finite[key] >= self.window:
-                    raise TrainingDiverged(
+                    return TrainingDiverged(
                         f"training diverged at step {step}: {key} was {value} for the last {self.window} steps"
                         f"{self.hint}", step=step, loss=key)
                 continue
@@ -81,11 +82,12 @@ class DivergenceGuard:
                 continue
             early_mean, recent_mean = sum(early) / len(early), sum(recent) / len(recent)
             if recent_mean > self.factor * early_mean:
-                raise TrainingDiverged(
+                return TrainingDiverged(
                     f"training diverged at step {step}: {key} averaged {recent_mean:.4g} over its last "
                     f"{self.window} values, {recent_mean / early_mean:.1f}× its early mean {early_mean:.4g} "
                     f"(first {self.window} values; the limit is divergence.factor = {self.factor:g}){self.hint}",
                     step=step, loss=key)
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"early": {k: list(v) for k, v in self.early.items()},

@@ -47,10 +47,12 @@ from motiondirector.events import (
     TrainStep,
     ValidationSample,
     emit,
+    progress_callback,
 )
 from motiondirector.lora.inject import Router
 from motiondirector.lora.package import BaseModelRef, Manifest
-from motiondirector.sample import latent_shape, sample_videos
+from motiondirector.noise_prior import initial_noise, noise_prior_latents
+from motiondirector.sample import sample_videos
 from motiondirector.storage import atomic_write
 from motiondirector.train.checkpoint import (
     load_packages,
@@ -62,7 +64,7 @@ from motiondirector.train.engine import AdapterGradients, DrawCounts, Engine, fl
 from motiondirector.train.guard import DivergenceGuard, TimestepSampler, TrainingDiverged
 from motiondirector.train.layout import RunLayout
 from motiondirector.train.plan import AdapterPlan, AdapterSpec, installed_adapters, plan_adapters
-from motiondirector.train.ranks import Ranks, draw_generator, resolve_ranks, seed_dropout, shard
+from motiondirector.train.ranks import Ranks, draw_generator, resolve_ranks, seed_dropout, shard, shard_group
 from motiondirector.train.step import clip_tensors, draw_step, step_gradients
 from motiondirector.video_io import write_gif, write_video
 
@@ -278,6 +280,7 @@ class _Run:
         self.device = backbone.device
         self.autocast = _autocast_factory(self.device, amp_dtype)
         self.tracker = _Tracker()
+        self.prior: torch.Tensor | None = None  # the validation noise prior (prepare_validation)
         divergence = config.divergence
         self.guard = DivergenceGuard(divergence.factor, divergence.window, divergence.enabled,
                                      hint=f"; lower optimizer.lr (now {config.optimizer.lr:g}) or lora.rank (now "
@@ -346,8 +349,33 @@ class _Run:
     def validation_prompts(self) -> list[str]:
         return self.config.validation.prompts or list(dict.fromkeys(r.caption for r in self.records))
 
+    def validation_reference(self) -> str:
+        """The noise prior's video: validation.reference, else the first training video."""
+        reference = self.config.validation.reference
+        if reference:
+            return reference
+        first = self.records[0]
+        if first.is_image:
+            raise ValueError("validation.noise_prior needs a video and the training data are images: set "
+                             "validation.reference")
+        return first.video_path
+
+    def prepare_validation(self) -> None:
+        """The noise prior of the validation samples (noise_prior.py's DDIM inversion, cached on disk), computed
+        before the first step so that a bad reference fails at once; None without a prior."""
+        validation = self.config.validation
+        if not validation.every or validation.noise_prior == 0:
+            return
+        reference = self.validation_reference()
+        with torch.random.fork_rng(devices=_rng_devices(self.device)), torch.no_grad(), self.autocast():
+            self.prior = noise_prior_latents(self.backbone, reference, frames=validation.frames,
+                                             size=validation.size, fps=validation.fps,
+                                             cache_dir=self.config.cache_dir,
+                                             on_step=progress_callback(self.observers, "noise_prior", reference))
+
     def validate(self, step: int) -> None:
-        """Sample with the inference routing; isolated from the training RNG so it never changes the run."""
+        """Sample with the inference routing; isolated from the training RNG so it never changes the run.
+        Prompt i starts from the noise of seed `validation.seed + i`, mixed with the prior if one is set."""
         validation = self.config.validation
         settings = validation.sampling
         unet = self.backbone.unet
@@ -356,8 +384,8 @@ class _Run:
             unet.eval()  # no LoRA dropout while sampling
             try:
                 for index, prompt in enumerate(self.validation_prompts()):
-                    noise_generator = torch.Generator("cpu").manual_seed(validation.seed + index)
-                    noise = torch.randn(latent_shape(self.backbone, settings, 1), generator=noise_generator)
+                    noise = initial_noise(self.backbone, settings, validation.seed + index, self.prior,
+                                          validation.noise_prior)
                     frames = sample_videos(self.backbone, [prompt], settings, initial_noise=noise)[0]
                     stem = self.layout.samples / f"step-{step}-{index}"
                     files = {"mp4": write_video(frames, stem.with_suffix(".mp4"), fps=validation.fps),
@@ -375,7 +403,8 @@ class _Run:
     def run(self, start: int) -> None:
         config, ranks = self.config, self.ranks
         slots, total_slots = self.slots(), ranks.world_size * config.gradient_accumulation
-        shards = {slot: shard(len(self.records), slot, total_slots) for slot in slots}
+        groups = [shard_group(i, "weight" in r.extra, r.video_index) for i, r in enumerate(self.records)]
+        shards = {slot: shard(groups, slot, total_slots) for slot in slots}
         # Only this rank's clips go to the device.
         clips = {i: clip_tensors(self.records[i], self.device) for i in sorted(set().union(*shards.values()))}
         shapes = {i: (1, *self.records[i].latent_mean.shape) for i in clips}
@@ -414,7 +443,10 @@ class _Run:
                     losses.append(result.losses)
                 updated = self.engine.step(sums, counts)
                 scalars = self.track(draws, losses, updated)
-                self.check_divergence(step, scalars)
+                diverged = self.guard.observe(step, scalars)
+                if self.guard.enabled and ranks.any(diverged is not None):  # every rank stops together
+                    raise diverged or TrainingDiverged(f"training diverged at step {step} on another rank",
+                                                       step=step, loss="")
                 entry = {"step": step, **scalars, **self.describe(draws), "updated": updated,
                          "seconds": round(time.perf_counter() - began, 4)}
                 if metrics is not None and (step % config.log_every == 0 or step == config.steps):
@@ -430,17 +462,6 @@ class _Run:
                     raise TrainingInterrupted(step, path)
                 if ranks.is_main and config.validation.every and step % config.validation.every == 0:
                     self.validate(step)
-
-    def check_divergence(self, step: int, losses: dict[str, float]) -> None:
-        """Every rank stops when any rank's losses diverged (one rank alone would leave the others waiting)."""
-        try:
-            self.guard.observe(step, losses)
-            diverged = None
-        except TrainingDiverged as error:
-            diverged = error
-        if self.ranks.any(diverged is not None):
-            raise diverged or TrainingDiverged(f"another rank's loss diverged at step {step}", step=step,
-                                               loss="another rank's")
 
     def track(self, draws: list, losses: list[dict[str, float]], updated: list[str]) -> dict[str, float]:
         """Record this rank's losses and the updates; returns each loss's mean over the draws computing it."""
@@ -514,6 +535,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, ove
         engine.prepare(run.paths, config.optimizer, fp16_loss_scaling=amp_dtype == torch.float16, ranks=ranks)
         if engine_state is not None:
             engine.load_state_dict(engine_state)
+        ranks.on_main(run.prepare_validation)
         was_training = unet.training
         unet.train()  # LoRA dropout on
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,16 +44,25 @@ def seed_dropout(seed: int, slot: int, step: int) -> None:
     torch.manual_seed(stream_seed(seed, slot, step, DROPOUT))
 
 
-def shard(records: int, slot: int, slots: int) -> list[int]:
-    """Record positions draw slot `slot` of `slots` samples among: those ≡ slot (mod slots).
+def shard(groups: Sequence[Hashable], slot: int, slots: int) -> list[int]:
+    """The record positions draw slot `slot` of `slots` samples among, given each record's group key.
 
-    With fewer records than slots, slot g takes record g mod `records` (records are shared by
-    several slots, with different draws); shards differ in size when `slots` does not divide
-    `records`.
+    Records of one group stay together (the weighted variants of one image, original and mirrored:
+    their sampling weights then hold within the shard); groups, in order of first appearance, go
+    round-robin to the slots (group k to slot k mod slots). With fewer groups than slots, slot g
+    takes group g mod (number of groups): several slots share it, with different draws. Shards
+    differ in size when the slots do not divide the groups.
     """
-    if records < 1:
+    order = list(dict.fromkeys(groups))
+    if not order:
         raise ValueError("no records to shard")
-    return sorted({i % records for i in range(max(records, slots)) if i % slots == slot})
+    chosen = {order[k % len(order)] for k in range(max(len(order), slots)) if k % slots == slot}
+    return [position for position, key in enumerate(groups) if key in chosen]
+
+
+def shard_group(position: int, weighted: bool, video_index: int) -> tuple[str, int]:
+    """A record's group for `shard`: its source when it is a weighted variant, else the record itself."""
+    return ("source", video_index) if weighted else ("record", position)
 
 
 @dataclass(frozen=True)
