@@ -426,8 +426,10 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
         if not ray.is_initialized():
             ray.init()
         # The board and the per-job tasks (with the Train controllers they start) stay on the driver's
-        # node: losing a worker node then loses training workers only, which Ray Train restarts.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # node: losing a worker node then loses training workers only, which Ray Train restarts. Hard
+        # affinity: a soft one let Ray place the board on a worker node (seen in tests/test_multinode.py),
+        # and the driver's node lives as long as the driver.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         # Restarted if its process dies: progress only (a restart loses the attempts recorded so far).
         board = ProgressBoard.options(max_restarts=-1, scheduling_strategy=here).remote()
         total = ray.cluster_resources()
