@@ -59,6 +59,8 @@ class Resources(_Strict):
     gpus_per_job: float = Field(0.0, ge=0, description="GPUs per worker; 0.25 packs four jobs on one GPU.")
     max_concurrent: int | None = Field(None, ge=1, description="Cap on jobs running at once (beyond resources).")
     max_failures: int = Field(2, ge=0, description="Worker failures a job survives (restarts from its checkpoint).")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per worker, e.g. "
+                                     "{gpu_node: 1}: the workers run only on nodes that advertise them.")
 
 
 class Preview(_Strict):

@@ -209,14 +209,16 @@ def _run_group(spec: IngestSpec, base: str, datasets: list[IngestDataset], items
     """Ray Data for the datasets sharing `base`: plan all files, then decode and encode what is new."""
     num_gpus = _gpus_per_encoder(spec.device)
     try:
-        vae_id, text_encoder_id = ray.get(_encoder_ids.options(num_gpus=num_gpus).remote(base, spec.device))
+        vae_id, text_encoder_id = ray.get(_encoder_ids.options(
+            num_gpus=num_gpus, resources=spec.encoder_resources).remote(base, spec.device))
     except RayTaskError as error:
         raise error.cause from None  # e.g. ModelNotAvailableError: the CLI maps it to its exit code
     result = _GroupResult(vae_id, text_encoder_id, [], defaultdict(list), Counter(), [])
     # Planning reads headers and hashes only; its small output comes back to the driver so a re-run
     # with nothing new never starts the encoders. One file per block keeps all CPUs busy.
+    decode_options = {"resources": spec.decode_resources} if spec.decode_resources else {}
     planned = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-        _plan, fn_kwargs={"specs": {d.name: d for d in datasets}, "index": index.only(d.name for d in datasets),
+        _plan, **decode_options, fn_kwargs={"specs": {d.name: d for d in datasets}, "index": index.only(d.name for d in datasets),
                           "vae_id": vae_id, "text_encoder_id": text_encoder_id}).take_all()
     builds: dict[tuple[str, str], list[ClipWork]] = defaultdict(list)
     for row in planned:
@@ -236,10 +238,12 @@ def _run_group(spec: IngestSpec, base: str, datasets: list[IngestDataset], items
     pipeline = ray.data.from_items([{"dataset": dataset, "payload": pickle.dumps(works)}
                                     for (dataset, _), works in builds.items()],
                                    override_num_blocks=blocks).flat_map(
-        _decode, **({"num_cpus": spec.decode_cpus} if spec.decode_cpus is not None else {}))
+        _decode, **decode_options, **({"num_cpus": spec.decode_cpus} if spec.decode_cpus is not None else {}))
     actor_options: dict[str, Any] = {"num_gpus": num_gpus}
     if spec.encoder_cpus is not None:
         actor_options["num_cpus"] = spec.encoder_cpus
+    if spec.encoder_resources:
+        actor_options["resources"] = spec.encoder_resources
     if spec.encoder_memory_gib:
         actor_options["memory"] = int(spec.encoder_memory_gib * 2**30)
     pipeline = pipeline.map_batches(

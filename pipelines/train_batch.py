@@ -36,6 +36,7 @@ from typing import Any
 
 import fsspec
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.batch_spec import BatchSpec, Job, code_version
 
@@ -53,9 +54,14 @@ def storage_uri(storage: str | None) -> str:
 
 
 def _ray_storage(storage: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for RunConfig: s3/gs natively, other fsspec filesystems wrapped."""
+    """(storage_path, storage_filesystem) for RunConfig: local paths natively, every URI through fsspec.
+
+    Object stores go through fsspec too (wrapped for pyarrow), so checkpoints use the same endpoint,
+    credentials and options (`fsspec.config.conf`, `FSSPEC_<PROTOCOL>_*`) as the catalog and the ingest
+    output -- e.g. an S3-compatible server that pyarrow's own S3 client would not find.
+    """
     scheme = storage.split("://", 1)[0] if "://" in storage else ""
-    if scheme in ("", "file", "s3", "gs", "gcs"):
+    if scheme in ("", "file"):
         return storage.removeprefix("file://"), None
     import pyarrow.fs
 
@@ -83,15 +89,22 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.digests: dict[str, dict[int, str]] = {}
+        self.attempts: dict[str, list[dict[str, Any]]] = {}
 
     def update(self, job_id: str, values: dict[str, Any]) -> None:
         self.jobs.setdefault(job_id, {}).update(values)
+
+    def attempt(self, job_id: str, values: dict[str, Any]) -> None:
+        """Rank 0 of each (re)started worker group: the node it runs on and the step it resumed from."""
+        self.attempts.setdefault(job_id, []).append(values)
+        self.jobs.setdefault(job_id, {})["node_id"] = values["node_id"]
 
     def rank_digest(self, job_id: str, rank: int, digest: str) -> None:
         self.digests.setdefault(job_id, {})[rank] = digest
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        return {job: {**values, **({"rank_digests": self.digests[job]} if job in self.digests else {})}
+        return {job: {**values, **({"rank_digests": self.digests[job]} if job in self.digests else {}),
+                      **({"attempts": self.attempts[job]} if job in self.attempts else {})}
                 for job, values in self.jobs.items()}
 
 
@@ -140,8 +153,9 @@ class _Reporter:
     attaching the folder, and the last one after train() returns (`flush`).
     """
 
-    def __init__(self, job: dict[str, Any], rank: int, board: Any, storage: str, unet: Any) -> None:
+    def __init__(self, job: dict[str, Any], rank: int, board: Any, storage: str, unet: Any, run_dir: Path) -> None:
         self.job, self.rank, self.board, self.storage, self.unet = job, rank, board, storage, unet
+        self.run_dir = run_dir
         self.every = int(job["config"]["checkpoint_every"])
         self.start = 0
         self.losses: dict[str, float] = {}
@@ -171,6 +185,11 @@ class _Reporter:
 
         checkpoint = None
         if self.pending is not None and self.pending[0] == step:
+            # The run's config.yaml travels with the checkpoint: it holds what train() resolved at run time
+            # (e.g. `mode` from the data), which a resumed attempt must find unchanged.
+            from motiondirector.api import RunLayout
+
+            shutil.copyfile(RunLayout(self.run_dir).config, RunLayout(self.pending[1]).config)
             checkpoint = Checkpoint.from_directory(str(self.pending[1]))
             self.pending = None
         report({"step": step, **self.losses}, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step}",
@@ -201,13 +220,17 @@ class _Reporter:
 
 
 def _restore(checkpoint: Any, run_dir: Path, config: Any, backbone: Any) -> int:
-    """The job's last reported checkpoint -> run_dir/checkpoints/step-<n> + config.yaml; returns n."""
+    """The job's last reported checkpoint -> run_dir/checkpoints/step-<n> + the run's config.yaml; returns n."""
     from motiondirector.api import RunLayout
 
     step = int(Path(checkpoint.path).name.removeprefix("step-"))  # reported as checkpoint_dir_name=step-<n>
     layout = RunLayout(run_dir)
-    checkpoint.to_directory(str(layout.checkpoint(step).root))
-    layout.config.write_text(config.with_model_defaults(backbone.defaults).to_yaml())
+    restored = layout.checkpoint(step)
+    checkpoint.to_directory(str(restored.root))
+    if restored.config.exists():  # the config the run trained with (see _Reporter.flush)
+        restored.config.replace(layout.config)
+    else:  # a checkpoint reported before configs travelled with them
+        layout.config.write_text(config.with_model_defaults(backbone.defaults).to_yaml())
     return step
 
 
@@ -234,7 +257,7 @@ def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
         except (api.ModelNotAvailableError, api.ModelTooLargeError) as error:
             return {"error": f"{type(error).__name__}: {error}"}  # the same on every attempt: no retry
         run_dir = workdir / "run"
-        reporter = _Reporter(job, rank, board, storage, backbone.unet)
+        reporter = _Reporter(job, rank, board, storage, backbone.unet, run_dir)
         catalog = loop_config["catalog"] if rank == 0 else None
         began = time.perf_counter()
         try:
@@ -244,6 +267,10 @@ def _train_job(loop_config: dict[str, Any]) -> dict[str, Any]:
             config = config.with_data_kind(images=all(record.is_image for record in records))
             checkpoint = ray.train.get_checkpoint()
             resumed = _restore(checkpoint, run_dir, config, backbone) if checkpoint is not None else None
+            if rank == 0:  # where each attempt ran, for the report's `moved`
+                board.attempt.remote(job["job_id"], {"node_id": ray.get_runtime_context().get_node_id(),
+                                                     "resumed_from": resumed,
+                                                     "started_at": datetime.now(UTC).isoformat()})
             summary, manifests = api.train_and_register(
                 config, run_dir, catalog, name=job["name"], tags=_tags(job, loop_config["batch_id"]),
                 description=_description(job), resume=resumed is not None, backbone=backbone, records=records,
@@ -283,7 +310,8 @@ def _fit_job(job: dict[str, Any], resources: dict[str, Any], storage: str, catal
 
     began = time.perf_counter()
     use_gpu = resources["gpus_per_job"] > 0
-    per_worker = {"CPU": resources["cpus_per_job"], **({"GPU": resources["gpus_per_job"]} if use_gpu else {})}
+    per_worker = {"CPU": resources["cpus_per_job"], **({"GPU": resources["gpus_per_job"]} if use_gpu else {}),
+                  **resources["custom"]}
     storage_path, filesystem = _ray_storage(storage)
     trainer = TorchTrainer(
         _train_job,
@@ -322,6 +350,12 @@ class JobOutcome:
     losses: dict[str, float] = field(default_factory=dict)
     steps_per_second: float | None = None
     rank_digests: dict[int, str] = field(default_factory=dict)
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # node id + resumed-from step per attempt
+
+    @property
+    def moved(self) -> bool:
+        """Whether a restarted attempt ran on another node than the one before it (e.g. a lost node)."""
+        return len({a["node_id"] for a in self.attempts}) > 1
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.job.name, "job_id": self.job.job_id, "key": self.job.key, "state": self.state,
@@ -329,6 +363,7 @@ class JobOutcome:
                 "resumed_from": self.resumed_from, "seconds": self.seconds, "losses": self.losses,
                 "steps_per_second": self.steps_per_second,
                 "rank_digests": {str(k): v for k, v in sorted(self.rank_digests.items())},
+                "attempts": self.attempts, "moved": self.moved,
                 "steps": self.job.config["steps"], "workers": self.job.resources.workers,
                 "lineage": self.job.lineage}
 
@@ -354,7 +389,8 @@ def _already_registered(catalog_uri: str | None, jobs: list[Job]) -> dict[str, l
 
 def _demand(job: Job) -> dict[str, float]:
     r = job.resources
-    return {"CPU": r.workers * r.cpus_per_job, "GPU": r.workers * r.gpus_per_job}
+    return {"CPU": r.workers * r.cpus_per_job, "GPU": r.workers * r.gpus_per_job,
+            **{name: r.workers * amount for name, amount in r.custom.items()}}
 
 
 def _fits(demand: dict[str, float], free: dict[str, float]) -> bool:
@@ -382,7 +418,7 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
             row.pop("lineage")
             values = live.get(job_id, {})
             if outcome.state in ("queued", "running"):
-                row.update({k: v for k, v in values.items() if k in ("step", "steps", "losses", "it_s")})
+                row.update({k: v for k, v in values.items() if k in ("step", "steps", "losses", "it_s", "node_id")})
                 row["state"] = "running" if values.get("state") == "running" else outcome.state
             else:
                 row.update({k: v for k, v in values.items() if k in ("step", "steps")})
@@ -393,14 +429,21 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
     if pending:
         if not ray.is_initialized():
             ray.init()
-        board = ProgressBoard.options(max_restarts=-1).remote()  # progress only: a restart loses nothing
+        # The board and the per-job tasks (with the Train controllers they start) stay on the driver's
+        # node: losing a worker node then loses training workers only, which Ray Train restarts. Hard
+        # affinity: a soft one let Ray place the board on a worker node (seen in tests/test_multinode.py),
+        # and the driver's node lives as long as the driver.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # Restarted if its process dies: progress only (a restart loses the attempts recorded so far).
+        board = ProgressBoard.options(max_restarts=-1, scheduling_strategy=here).remote()
         total = ray.cluster_resources()
-        capacity = {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)}
+        capacity = {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0),
+                    **{name: total.get(name, 0.0) for job in pending for name in job.resources.custom}}
         for job in pending:
             if not _fits(_demand(job), capacity):
                 outcomes[job.job_id].state = "failed"
                 outcomes[job.job_id].error = (f"needs {_demand(job)} but the cluster has {capacity} "
-                                              "(resources: workers x cpus_per_job / gpus_per_job)")
+                                              "(resources: workers x cpus_per_job / gpus_per_job / custom)")
         queue = [job for job in pending if outcomes[job.job_id].state == "queued"]
         cap = spec.resources.max_concurrent or math.inf
         running: dict[Any, Job] = {}
@@ -411,7 +454,7 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
                 for k, v in _demand(job).items():
                     free[k] = free.get(k, 0.0) - v
                 # A launcher whose process dies is retried: fit() resumes the run from its storage.
-                ref = _fit_job.options(max_retries=job.resources.max_failures).remote(
+                ref = _fit_job.options(max_retries=job.resources.max_failures, scheduling_strategy=here).remote(
                     job.payload(), job.resources.model_dump(), storage, spec.catalog, batch_id, board)
                 running[ref] = job
                 outcomes[job.job_id].state = "running"
@@ -428,6 +471,7 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
         live = _live(board)
         for job_id, values in live.items():
             outcomes[job_id].rank_digests = {int(k): v for k, v in values.get("rank_digests", {}).items()}
+            outcomes[job_id].attempts = list(values.get("attempts", []))
         ray.kill(board)
     report = {
         "batch_id": batch_id, "spec": str(spec.path), "spec_sha256": spec.sha256, "storage": storage,
@@ -435,6 +479,7 @@ def run_batch(spec: BatchSpec, *, batch_id: str | None = None,
         "finished_at": datetime.now(UTC).isoformat(),
         "counts": {state: sum(o.state == state for o in outcomes.values()) for state in STATES},
         "jobs": [o.as_dict() for o in outcomes.values()],
+        "moved": [o.job.name for o in outcomes.values() if o.moved],
     }
     report["report"] = _join(storage, "batches", batch_id, "report.json")
     write_json_atomic(report["report"], report)

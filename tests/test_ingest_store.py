@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from s3_server import s3_endpoint, s3_root  # noqa: F401 - fixtures
 
 from motiondirector.data.encode import decode_item, encode_clips
 from motiondirector.data.ingest_plan import RowIndex, build_records, decode_works, plan_works
@@ -207,3 +208,23 @@ def test_newer_commit_schema_is_refused(tmp_path):
     (commits / "2099-x.json").write_text('{"schema_version": 99, "run_id": "x", "committed_at": "2099-01-01T00:00:00Z"}')
     with pytest.raises(ValueError, match=r"2099-x\.json: schema_version: .*newer than this reader's \(1\)"):
         read_ingested(str(tmp_path), "gen")
+
+
+def test_publish_run_on_s3_moves_files_written_by_other_processes(s3_root):  # noqa: F811 - fixture
+    """A recursive fs.mv on S3 also copies the listing's pseudo-directories and fails with NoSuchKey; the
+    store copies the files of runs/<id>.tmp written by others (here: another s3fs instance) and deletes them."""
+    import fsspec
+
+    store = IngestStore(s3_root)
+    run_id = new_run_id()
+    temp, final = store.path(store.run_folder(run_id, temporary=True)), store.path(store.run_folder(run_id))
+    assert not store.fs.exists(temp)  # this process's listing cache now says: nothing there
+    writer = fsspec.filesystem("s3", skip_instance_cache=True)
+    for name in ("records/boxes/part-0.parquet", "records/stripes/part-0.parquet", "rejects/part-0.parquet"):
+        writer.pipe_file(f"{temp}/{name}", name.encode())
+    store.publish_run(run_id)
+    writer.invalidate_cache()
+    assert sorted(p.removeprefix(final + "/") for p in writer.find(final)) == [
+        "records/boxes/part-0.parquet", "records/stripes/part-0.parquet", "rejects/part-0.parquet"]
+    assert writer.cat_file(f"{final}/records/stripes/part-0.parquet") == b"records/stripes/part-0.parquet"
+    assert writer.find(temp) == []

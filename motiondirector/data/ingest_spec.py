@@ -47,6 +47,14 @@ class IngestSpec(BaseModel):
     files_per_decode_task: int = Field(1, ge=1, description="Source files decoded by one decode task.")
     datasets: list[IngestDataset] = Field(min_length=1)
 
+    # Custom Ray resources (node labels set with `ray start --resources`) that pin a stage to the nodes
+    # advertising them, e.g. {"decode_node": 1} for the plan and decode tasks and {"gpu_node": 1} for the
+    # encoder actors. Empty: Ray places the stage on any node with the CPUs/GPUs it asks for.
+    decode_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per plan "
+                                               "and decode task (pins them to nodes that advertise them).")
+    encoder_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per "
+                                                "encoder actor (pins the encoders to nodes that advertise them).")
+
     @model_validator(mode="after")
     def _check(self) -> IngestSpec:
         names = [d.name for d in self.datasets]

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from motiondirector.data.errors import DataError
 from motiondirector.data.records import CacheRecord, records_to_table
 from motiondirector.errors import describe_validation_error
-from motiondirector.storage import publish
+from motiondirector.storage import is_local, publish
 
 if TYPE_CHECKING:
     from motiondirector.data.encode import ClipPlan
@@ -203,9 +203,18 @@ class IngestStore:
     # runs -----------------------------------------------------------------------------------------
     def publish_run(self, run_id: str) -> None:
         """Rename runs/<id>.tmp to runs/<id> (a copy on object stores); still invisible until committed."""
-        temp = self.path(self.run_folder(run_id, temporary=True))
-        if self.fs.exists(temp):  # a run that only changed live lists wrote no files
-            self.fs.mv(temp, self.path(self.run_folder(run_id)), recursive=True)
+        temp, final = self.path(self.run_folder(run_id, temporary=True)), self.path(self.run_folder(run_id))
+        if not self.fs.exists(temp):  # a run that only changed live lists wrote no files
+            return
+        if is_local(self.uri):
+            self.fs.mv(temp, final, recursive=True)
+            return
+        # Object stores have no folders: copy the files, then delete them (a recursive `mv` also copies
+        # the listing's pseudo-directories, which S3 answers with NoSuchKey).
+        self.fs.invalidate_cache(temp)  # written by other processes (Ray tasks) than this one
+        files = self.fs.find(temp)
+        self.fs.copy(files, [final + name[len(temp):] for name in files])
+        self.fs.rm(files)
 
     def discard_run(self, run_id: str) -> None:
         temp = self.path(self.run_folder(run_id, temporary=True))
