@@ -37,6 +37,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "motiondirector.backbones.base": ("BackboneSpec", "ModelNotAvailableError", "ModelTooLargeError"),
     "motiondirector.backbones.defaults": ("ModelDefaults",),
     "motiondirector.backbones.tiny": ("write_tiny_model",),
+    "motiondirector.backbones.unet3d": ("lora_targets",),
     "motiondirector.catalog": ("Catalog", "CatalogOnDemand", "CorruptEntryError", "InvalidIdError", "Page", "UnknownEntryError", "is_run_folder", "register_run", "validate_id"),
     "motiondirector.config": ("ConfigError", "TrainConfig", "apply_overrides", "load_config", "validate_config"),
     "motiondirector.data.cache": ("clear_cache", "list_cache"),
