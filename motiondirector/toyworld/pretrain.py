@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,6 +160,38 @@ class _Ema:
             for shadow, module in zip(self.shadow, modules, strict=True):
                 for target, source in zip(shadow.parameters(), module.parameters(), strict=True):
                     target.lerp_(source, 1.0 - decay)
+
+
+class _DenoiserTraining:
+    """What both stages train and checkpoint together: UNet + text encoder, their EMA, AdamW, the batch RNG."""
+
+    def __init__(self, components: dict, *, lr: float, ema_decay: float, seed: int) -> None:
+        self.components = components
+        self.trained = [components["unet"], components["text_encoder"]]
+        self.parameters = [p for module in self.trained for p in module.parameters()]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=1e-2)
+        self.ema = _Ema(self.trained, ema_decay)
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def save(self, path: Path, **stage: Any) -> None:
+        """Checkpoint the weights, EMA, optimizer and RNG with the stage's own entries (step, phases, ...)."""
+        _atomic_torch_save({"unet": self.trained[0].state_dict(), "text_encoder": self.trained[1].state_dict(),
+                            "ema": [shadow.state_dict() for shadow in self.ema.shadow],
+                            "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(), **stage}, path)
+
+    def load(self, path: Path) -> dict:
+        """Restore a checkpoint written by `save`; returns the stage's own entries."""
+        state = torch.load(path, weights_only=False)
+        self.trained[0].load_state_dict(state.pop("unet"))
+        self.trained[1].load_state_dict(state.pop("text_encoder"))
+        for shadow, saved in zip(self.ema.shadow, state.pop("ema"), strict=True):
+            shadow.load_state_dict(saved)
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        self.rng.set_state(state.pop("rng"))
+        return state
+
+    def ema_components(self) -> dict:
+        return {**self.components, "unet": self.ema.shadow[0], "text_encoder": self.ema.shadow[1]}
 
 
 def loss_weights(scheduler, timesteps: torch.Tensor, min_snr_gamma: float,
@@ -332,21 +365,13 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
     empty_id = len(pool["captions"])
 
     unet, text_encoder, scheduler = components["unet"], components["text_encoder"], components["scheduler"]
-    trained = [unet, text_encoder]
-    parameters = [p for module in trained for p in module.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=1e-2)
-    ema = _Ema(trained, settings.ema_decay)
+    training = _DenoiserTraining(components, lr=settings.lr, ema_decay=settings.ema_decay, seed=settings.seed)
+    trained, parameters, optimizer, ema, rng = (training.trained, training.parameters, training.optimizer,
+                                                training.ema, training.rng)
     step, unet_seconds = 0, 0.0
     phases: list[dict] = []
-    rng = torch.Generator().manual_seed(settings.seed)
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        for shadow, saved in zip(ema.shadow, state["ema"], strict=True):
-            shadow.load_state_dict(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        rng.set_state(state["rng"])
+        state = training.load(checkpoint_path)
         step, unet_seconds = state["step"], state["seconds"]
         # Checkpoints from before phases were recorded ran uniform timesteps at one thread.
         phases = state.get("phases") or [{"first_step": 0, "first_minute": 0.0, "threads": 1, "batch": settings.batch,
@@ -358,13 +383,9 @@ def pretrain(out: Path, *, minutes: float, resume: bool = False, max_steps: int 
         phases.append({"first_step": step, "first_minute": round(unet_seconds / 60, 2), **_phase_settings(settings)})
 
     def save_checkpoint() -> None:
-        _atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                            "ema": [s.state_dict() for s in ema.shadow], "optimizer": optimizer.state_dict(),
-                            "rng": rng.get_state(), "step": step, "seconds": unet_seconds, "phases": phases},
-                           checkpoint_path)
+        training.save(checkpoint_path, step=step, seconds=unet_seconds, phases=phases)
 
-    def ema_components() -> dict:
-        return {**components, "unet": ema.shadow[0], "text_encoder": ema.shadow[1]}
+    ema_components = training.ema_components
 
     probe_scenes = [all_scenes(PRETRAIN_MOTIONS)[i] for i in
                     torch.randperm(len(all_scenes(PRETRAIN_MOTIONS)), generator=torch.Generator().manual_seed(1))
@@ -554,11 +575,9 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
                             truncation=True, return_tensors="pt").input_ids
     empty_id = len(pool["captions"])
 
-    trained = [unet, text_encoder]
-    parameters = [p for module in trained for p in module.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=1e-2)
-    ema = _Ema(trained, settings.ema_decay)
-    rng = torch.Generator().manual_seed(settings.seed)
+    training = _DenoiserTraining(components, lr=settings.lr, ema_decay=settings.ema_decay, seed=settings.seed)
+    trained, parameters, optimizer, ema, rng = (training.trained, training.parameters, training.optimizer,
+                                                training.ema, training.rng)
     previous = _stage_of(init_recipe)
     step, seconds = (previous["steps"], previous["minutes"] * 60) if previous else (0, 0.0)
     warmup_from = step
@@ -566,13 +585,7 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
     current = {"threads": settings.threads, "batch": settings.batch, "lr": settings.lr,
                "high_noise_share": settings.high_noise_share, "snr_gamma": settings.snr_gamma}
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        for shadow, saved in zip(ema.shadow, state["ema"], strict=True):
-            shadow.load_state_dict(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        rng.set_state(state["rng"])
+        state = training.load(checkpoint_path)
         step, seconds, phases = state["step"], state["seconds"], state["phases"]
         warmup_from = state["warmup_from"]
         log(f"resumed at step {step} ({seconds / 60:.1f} min trained)")
@@ -587,13 +600,9 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
         warmup_from = step  # a fresh optimizer warms its learning rate up again
 
     def save_checkpoint() -> None:
-        _atomic_torch_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                            "ema": [s.state_dict() for s in ema.shadow], "optimizer": optimizer.state_dict(),
-                            "rng": rng.get_state(), "step": step, "seconds": seconds, "phases": phases,
-                            "warmup_from": warmup_from}, checkpoint_path)
+        training.save(checkpoint_path, step=step, seconds=seconds, phases=phases, warmup_from=warmup_from)
 
-    def ema_components() -> dict:
-        return {**components, "unet": ema.shadow[0], "text_encoder": ema.shadow[1]}
+    ema_components = training.ema_components
 
     scenes = all_scenes(PRETRAIN_MOTIONS)
     probe_scenes = [scenes[i] for i in torch.randperm(len(scenes), generator=torch.Generator().manual_seed(1))
