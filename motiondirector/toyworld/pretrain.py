@@ -287,14 +287,17 @@ def _training_loop(step: int, seconds: float, *, minutes: float, max_steps: int 
     session_start = time.time()
     last = [session_start] * len(every)
     losses: list[float] = []
+    recent: list[float] = []  # step times since the last log line: this run's speed, not the stage average
     while time.time() - session_start < budget and (max_steps is None or step < max_steps):
         tick = time.time()
         losses.append(train_step(step))
         step += 1
-        seconds += time.time() - tick
+        recent.append(time.time() - tick)
+        seconds += recent[-1]
         progress("denoiser", int(time.time() - session_start), int(budget))
         if step % 50 == 0:
-            log(f"step {step} loss {np.mean(losses[-50:]):.4f} ({seconds / step:.2f} s/step)")
+            log(f"step {step} loss {np.mean(losses[-50:]):.4f} ({np.mean(recent):.2f} s/step)")
+            recent.clear()
         for index, (period, callback) in enumerate(every):
             if time.time() - last[index] > period * 60:
                 callback(step, seconds)
