@@ -18,6 +18,7 @@ from motiondirector.toyworld.benchmark import (
     BenchmarkSettings,
     other_appearance_prompts,
     parse_appearance,
+    reference_scenes,
     run_benchmark,
 )
 from motiondirector.toyworld.probes import distinctive_axis, motion_scores
@@ -168,3 +169,16 @@ def test_benchmark_command_runs_the_modes_asked(toy_like_dir, tmp_path):
     payload = json.loads(result.stdout)
     assert [r["mode"] for r in payload["rows"]] == ["base"] and payload["settings"]["high_share"] == 0.5
     assert "distinctive corr." in (tmp_path / "benchmark.md").read_text()
+
+
+def test_varied_reference_looks_avoid_the_reference_and_every_prompt():
+    reference = Scene("red", "circle", "grey", "zigzag")
+    prompts = other_appearance_prompts(reference, 8, seed=0)
+    scenes = reference_scenes(reference, prompts, 3, "varied")
+    assert scenes[0] == reference and len({s.caption for s in scenes}) == 3
+    asked = {p.caption for p in prompts}
+    assert all(s.caption not in asked and s.colour != "red" and s.shape != "circle" and s.background != "grey"
+               and s.motion == "zigzag" for s in scenes[1:])
+    assert reference_scenes(reference, prompts, 3, "same") == [reference] * 3
+    with pytest.raises(ValueError, match="only 4 are left"):
+        reference_scenes(reference, prompts, 6, "varied")

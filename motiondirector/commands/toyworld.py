@@ -179,6 +179,9 @@ def benchmark_command(
     high_share: Annotated[float, typer.Option("--high-share", min=0.0, max=1.0, help=(
         "Share of LoRA training steps drawing t from [--high-from, T) (config timesteps.high_share)."))] = 0.0,
     high_from: Annotated[int, typer.Option("--high-from", min=0)] = 800,
+    multi_video_appearance: Annotated[str, typer.Option(
+        "--multi-video-appearance", help=("same: several videos are the reference look with other seeds; varied: "
+                                          "each video another look (none of them among the prompts)."))] = "same",
     modes: Annotated[list[str] | None, typer.Option(
         "--modes", help="Modes to run, in this order; repeat (default: base coupled dual_path_no_ad dual_path).")] = None,
     guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
@@ -200,7 +203,7 @@ def benchmark_command(
         settings = BenchmarkSettings(
             motion=motion, reference=reference, videos=tuple(videos or (1, 3)), prompts=prompts, seeds=seeds,
             steps=steps, rank=rank, lr=lr, ad_beta=beta, high_share=high_share, high_from=high_from,
-            seed=seed, **({"modes": tuple(modes)} if modes else {}),
+            multi_video_appearance=multi_video_appearance, seed=seed, **({"modes": tuple(modes)} if modes else {}),
             sampling=replace(TOY_SAMPLING, guidance=guidance, steps=sampling_steps))
         backbone = load_backbone(base, device)
         result = run_benchmark(backbone, settings, out,

@@ -64,6 +64,9 @@ class BenchmarkSettings:
     ad_beta: float = 1.0
     high_share: float = 0.0  # timestep emphasis of the LoRA training (config `timesteps:`)
     high_from: int = 800
+    # Several videos: "same" = the reference appearance with other seeds; "varied" = the paper's setting,
+    # where the videos share the motion but not the look (extra appearances never among the prompts).
+    multi_video_appearance: str = "same"
     modes: tuple[str, ...] = MODES
     seed: int = 0
     sampling: SamplingSettings = field(default_factory=lambda: TOY_SAMPLING)
@@ -81,15 +84,32 @@ def parse_appearance(text: str) -> tuple[str, str, str]:
     return found[0], found[1], found[2]
 
 
-def other_appearance_prompts(reference: Scene, count: int, seed: int) -> list[Scene]:
-    """`count` scenes of the reference's motion whose colour, shape and background all differ from it."""
+def other_appearance_prompts(reference: Scene, count: int, seed: int, *, limit: bool = True) -> list[Scene]:
+    """`count` scenes of the reference's motion whose colour, shape and background all differ from it
+    (`limit=False`: as many as there are, up to `count`)."""
     others = [Scene(c, s, b, reference.motion) for c, s, b in product(OBJECT_COLOURS, SHAPES, BACKGROUNDS)
               if c != reference.colour and s != reference.shape and b != reference.background]
     random.Random(seed).shuffle(others)
-    if count > len(others):
+    if limit and count > len(others):
         raise ValueError(f"--prompts {count}: the world has only {len(others)} appearances that differ from "
                          f"the reference in colour, shape and background")
     return others[:count]
+
+
+def reference_scenes(reference: Scene, prompts: list[Scene], videos: int, appearance: str) -> list[Scene]:
+    """The scene of each reference clip: the reference, then (`varied`) appearances that differ from it in
+    colour, shape and background and are none of the prompts, so every sampled appearance stays unseen."""
+    if appearance == "same" or videos == 1:
+        return [reference] * videos
+    if appearance != "varied":
+        raise ValueError(f"multi-video appearance {appearance!r}: expected 'same' or 'varied'")
+    asked = {p.caption for p in prompts}
+    spare = [s for s in other_appearance_prompts(reference, len(OBJECT_COLOURS) * len(SHAPES) * len(BACKGROUNDS),
+                                                 seed=0, limit=False) if s.caption not in asked]
+    if len(spare) < videos - 1:
+        raise ValueError(f"{videos} videos of varied appearance need {videos - 1} appearances besides the reference "
+                         f"and the {len(prompts)} prompts; only {len(spare)} are left (ask for fewer --prompts)")
+    return [reference, *spare[:videos - 1]]
 
 
 def clip_records(backbone: BackboneSpec, clips: list[Clip]) -> list[CacheRecord]:
@@ -159,7 +179,8 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
     pairs = [(scene, _SAMPLE_SEED_OFFSET + s) for scene in prompts for s in range(settings.seeds)]
     scenes, seeds = [p[0] for p in pairs], [p[1] for p in pairs]
     size = (settings.sampling.height, settings.sampling.width)
-    clips = [render(reference, frames=settings.sampling.frames, size=size, seed=v) for v in range(max(settings.videos))]
+    clips = [render(scene, frames=settings.sampling.frames, size=size, seed=v) for v, scene in
+             enumerate(reference_scenes(reference, prompts, max(settings.videos), settings.multi_video_appearance))]
     write_gif(clips[0].frames, out / "reference.gif")
     rows, grids = [], {}
     base_result = None
@@ -175,6 +196,8 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
         records = clip_records(backbone, clips[:videos])
         for mode in settings.modes:
             label = f"{videos} video{'s' if videos > 1 else ''}"
+            if videos > 1 and settings.multi_video_appearance == "varied":
+                label += " (varied look)"
             if mode == "base" and base_result is not None:
                 add({**base_result, "setting": label})
                 continue
@@ -209,7 +232,7 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
         stacked = torch.stack(per_mode)  # (modes, 4 samples, F, H, W, 3): one row per mode and sample
         write_grid_png(stacked.reshape(-1, *stacked.shape[3:]), out / f"grid-{label.replace(' ', '-')}.png",
                        columns=stacked.shape[2])
-    result = {"reference": reference.caption, "prompts": [s.caption for s in prompts],
+    result = {"reference": reference.caption, "reference_clips": [c.caption for c in clips], "prompts": [s.caption for s in prompts],
               "samples_per_mode": len(pairs), "settings": asdict(settings), "rows": rows}
     (out / "benchmark.json").write_text(json.dumps(result, indent=2))
     (out / "benchmark.md").write_text(table_markdown(result))
@@ -226,6 +249,10 @@ def table_markdown(result: dict) -> str:
     """Table-1-style markdown, mean ± 95% CI per (setting, mode): motion and appearance, then per attribute."""
     header = (f"Reference: \"{result['reference']}\"; {result['samples_per_mode']} samples per row "
               f"(prompts asking for another colour, shape and background × seeds, the same noise in every row).")
+    others = [c for c in result.get("reference_clips", []) if c != result["reference"]]
+    if others:
+        header += (" The varied-look rows also train on \"" + "\", \"".join(others) + "\"; leakage is measured "
+                   "against the first reference.")
     motion = ["| setting | mode | appearance accuracy | leakage (any) | " + " | ".join(c[1] for c in MOTION_COLUMNS)
               + " |", "|---|---|---|---|" + "---|" * len(MOTION_COLUMNS)]
     attributes = ["| setting | mode | " + " | ".join(f"{a} acc." for a in ATTRIBUTES) + " | "
