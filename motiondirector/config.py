@@ -119,7 +119,8 @@ class TimestepSection(_Section):
     few steps (docs/toyworld.md); 0 keeps the uniform draw of the reference code.
     """
 
-    high_share: float = Field(0.0, ge=0.0, le=1.0, description="Share of steps drawing t from [high_from, T).")
+    high_share: float | None = Field(None, ge=0.0, le=1.0, description="Share of steps drawing t from "
+                                     "[high_from, T); unset: the base model's (0.5 at zero terminal SNR, else 0).")
     high_from: int = Field(800, ge=0, description="First timestep of the high range (must be < T).")
 
 
@@ -191,6 +192,8 @@ class TrainConfig(_Section):
         """Unset data geometry and validation settings taken from the base model (recorded in the run's
         config.yaml, so a resumed or replayed run uses the same values)."""
         update: dict[str, Any] = {"validation": self.validation.with_model_defaults(defaults)}
+        if self.timesteps.high_share is None:
+            update["timesteps"] = self.timesteps.model_copy(update={"high_share": defaults.timestep_high_share})
         if isinstance(self.data, DatasetSpec):
             update["data"] = self.data.with_model_defaults(defaults)
         return self.model_copy(update=update)

@@ -85,3 +85,26 @@ def test_training_takes_data_and_validation_geometry_from_the_model(tiny_model_d
     with av.open(next(p for p in summary.samples if p.endswith(".mp4"))) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     assert len(frames) == 3 and frames[0].shape == (16, 24, 3)
+    assert written["timesteps"]["high_share"] == 0.0  # an ε-prediction base: the reference's uniform draw
+
+
+def test_timestep_emphasis_defaults_to_half_on_zero_terminal_snr_bases(tiny_model_dir, tmp_path):
+    from motiondirector.api import validate_config
+
+    assert defaults_for("toy").timestep_high_share == 0.5  # the toy model is zero-SNR v-prediction
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text())
+    assert model_defaults(str(folder), folder).timestep_high_share == 0.0
+    scheduler_file.write_text(json.dumps({**scheduler, "rescale_betas_zero_snr": True}))
+    defaults = model_defaults(str(folder), folder)
+    assert defaults.timestep_high_share == 0.5 and "timestep_high_share" not in defaults.values()
+
+    def resolved(timesteps: dict) -> float:
+        config = validate_config({"base": str(folder), "timesteps": timesteps,
+                                  "data": {"sources": ["x.mp4"], "caption": "a car"}}, "config")
+        return config.with_model_defaults(defaults).timesteps.high_share
+
+    assert resolved({}) == 0.5
+    assert resolved({"high_share": 0.0}) == 0.0  # an explicit value wins

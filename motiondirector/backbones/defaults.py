@@ -8,12 +8,15 @@ Where they come from, first match wins:
 2. the model cards of known hub models (KNOWN_MODELS);
 3. the family: the UNet's native latent size × the VAE's downsampling factor, and the
    reference implementation's 16 frames at 8 fps, 30 DDIM steps, guidance 12 (method.md).
+The LoRA training's timestep emphasis comes from the folder's scheduler in every case: a
+zero-terminal-SNR base decides the motion at high timesteps, so half of the steps draw t ≥ 800
+there (measured on the toy model, docs/toyworld.md); other bases keep the reference's uniform draw.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,13 @@ class ModelDefaults:
     fps: float
     steps: int
     guidance: float
-    source: str = ""  # where the values came from (shown by `--json` outputs and recorded in sidecars)
+    source: str = ""
+    # Share of LoRA training steps drawing t from the high range (config `timesteps.high_share`).
+    timestep_high_share: float = 0.0  # where the values came from (shown by `--json` outputs and recorded in sidecars)
 
     def values(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "source"}
+        """The sampling and geometry values (what sidecars record)."""
+        return {k: v for k, v in asdict(self).items() if k in _FIELDS}
 
 
 # Model cards: ZeroScope v2 576w samples 576×320, 24 frames, 40 steps; ModelScope 1.7b samples at
@@ -44,6 +50,7 @@ KNOWN_MODELS: dict[str, ModelDefaults] = {
                                                      "model card of ali-vilab/text-to-video-ms-1.7b"),
 }
 _FAMILY = dict(frames=16, fps=8.0, steps=30, guidance=12.0)
+ZERO_SNR_HIGH_SHARE = 0.5
 _FIELDS = ("frames", "height", "width", "fps", "steps", "guidance")
 
 
@@ -82,8 +89,7 @@ def family_defaults(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> 
                          **_FAMILY)
 
 
-def model_defaults(model_id: str, folder: Path) -> ModelDefaults:
-    """The defaults of the model `model_id` whose diffusers folder is `folder` (see the module doc)."""
+def _sampling_defaults(model_id: str, folder: Path) -> ModelDefaults:
     own = folder / DEFAULTS_FILE
     if own.is_file():
         return _from_file(own)
@@ -93,4 +99,12 @@ def model_defaults(model_id: str, folder: Path) -> ModelDefaults:
     vae_path = folder / "vae" / "config.json"
     vae = json.loads(vae_path.read_text()) if vae_path.is_file() else {}
     return family_defaults(unet, vae)
+
+
+def model_defaults(model_id: str, folder: Path) -> ModelDefaults:
+    """The defaults of the model `model_id` whose diffusers folder is `folder` (see the module doc)."""
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_path.read_text()) if scheduler_path.is_file() else {}
+    high_share = ZERO_SNR_HIGH_SHARE if scheduler.get("rescale_betas_zero_snr") else 0.0
+    return replace(_sampling_defaults(model_id, folder), timestep_high_share=high_share)
 

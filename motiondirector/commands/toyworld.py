@@ -176,8 +176,9 @@ def benchmark_command(
     rank: Annotated[int, typer.Option("--rank", min=1)] = 16,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
     beta: Annotated[float, typer.Option("--beta", min=0.0, help="AD-loss beta.")] = 1.0,
-    high_share: Annotated[float, typer.Option("--high-share", min=0.0, max=1.0, help=(
-        "Share of LoRA training steps drawing t from [--high-from, T) (config timesteps.high_share)."))] = 0.0,
+    high_share: Annotated[float | None, typer.Option("--high-share", min=0.0, max=1.0, help=(
+        "Share of LoRA training steps drawing t from [--high-from, T) (config timesteps.high_share; "
+        "default: the base model's, 0.5 at zero terminal SNR)."))] = None,
     high_from: Annotated[int, typer.Option("--high-from", min=0)] = 800,
     multi_video_appearance: Annotated[str, typer.Option(
         "--multi-video-appearance", help=("same: several videos are the reference look with other seeds; varied: "

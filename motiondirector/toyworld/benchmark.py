@@ -62,7 +62,7 @@ class BenchmarkSettings:
     rank: int = 16
     lr: float = 1e-3
     ad_beta: float = 1.0
-    high_share: float = 0.0  # timestep emphasis of the LoRA training (config `timesteps:`)
+    high_share: float | None = None  # timestep emphasis of the LoRA training (config `timesteps:`); None: the model's
     high_from: int = 800
     # Several videos: "same" = the reference appearance with other seeds; "varied" = the paper's setting,
     # where the videos share the motion but not the look (extra appearances never among the prompts).
