@@ -108,8 +108,9 @@ def test_zero_snr_stage_warm_starts_resumes_and_continues_from_its_export(tmp_pa
     with pytest.raises(ValueError, match="--resume"):
         zero_snr_pretrain(work, init=init, max_steps=3, export_to=model, settings=settings, **quiet)
     resumed = zero_snr_pretrain(work, init=init, resume=True, max_steps=3, export_to=model,
-                                settings=replace(settings, lr=5e-4), **quiet)
-    assert [(p["first_step"], p["lr"]) for p in resumed["stages"][-1]["phases"]] == [(0, 1e-3), (2, 5e-4)]
+                                settings=replace(settings, lr=5e-4, motion_weights=(("left", 3.0),)), **quiet)
+    assert [(p["first_step"], p["lr"], p["motion_weights"]) for p in resumed["stages"][-1]["phases"]] == [
+        (0, 1e-3, {}), (2, 5e-4, {"left": 3.0})]
 
     backbone = load_backbone(str(model), "cpu")
     config = backbone.scheduler.config
@@ -126,3 +127,16 @@ def test_zero_snr_stage_warm_starts_resumes_and_continues_from_its_export(tmp_pa
     assert continued["stages"][-1]["steps"] == 5 and phases[-1]["first_step"] == 3
     assert phases[-1]["warm_start"].startswith("exported EMA weights")
     assert continued["denoiser_steps"] == resumed["denoiser_steps"] + 2
+
+
+def test_motion_weights_draw_a_motion_more_often_and_reject_unknown_motions():
+    from motiondirector.toyworld.pretrain import all_scenes, motion_clip_weights
+
+    scenes = all_scenes(("left", "right"))
+    scene_index = torch.arange(len(scenes)).repeat_interleave(3)
+    assert motion_clip_weights(scene_index, scenes, ()) is None
+    weights = motion_clip_weights(scene_index, scenes, (("left", 3.0),))
+    lefts = torch.tensor([scenes[i].motion == "left" for i in scene_index.tolist()])
+    assert weights[lefts].sum() == 3 * weights[~lefts].sum()  # as many clips of each: three times the draws
+    with pytest.raises(ValueError, match="not in the pool: zigzag"):
+        motion_clip_weights(scene_index, scenes, (("zigzag", 2.0),))

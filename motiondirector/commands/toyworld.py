@@ -51,6 +51,18 @@ def render_command(
         console.print(f"wrote {out}: {clip.caption} ({frames} frames, {size}x{size}, seed {seed})")
 
 
+def _motion_weights(values: list[str]) -> tuple[tuple[str, float], ...]:
+    pairs = []
+    for value in values:
+        motion, _, weight = value.partition("=")
+        try:
+            pairs.append((motion.strip(), float(weight)))
+        except ValueError:
+            raise typer.BadParameter(f"{value!r}: expected MOTION=WEIGHT, e.g. left=3",
+                                     param_hint="--motion-weight") from None
+    return tuple(pairs)
+
+
 @app.command("pretrain")
 def pretrain_command(
     out: Annotated[Path, typer.Option("--out", help="Work folder: latent pool, checkpoints, logs.")],
@@ -74,6 +86,8 @@ def pretrain_command(
         help="Share of each batch drawn from the noisier half of the timesteps.")] = 0.5,
     high_noise_weight: Annotated[float, typer.Option(
         "--high-noise-weight", min=1.0, help="scratch stage: cap of the extra loss weight 1/SNR at high noise.")] = 10.0,
+    motion_weight: Annotated[list[str] | None, typer.Option(
+        "--motion-weight", help="zero-snr stage: MOTION=W draws that motion's clips W times as often; repeat.")] = None,
 ) -> None:
     """Pretrain the toy base model; resumable in chunks (see docs/toyworld.md for the shipped recipe)."""
     from dataclasses import replace
@@ -102,7 +116,8 @@ def pretrain_command(
                   "echo": lambda message: console.print(message, highlight=False), "on_progress": on_progress}
         if stage == "zero-snr":
             recipe = zero_snr_pretrain(out, init=init or EMBEDDED_MODEL_FOLDER, **common, settings=replace(
-                ZeroSnrSettings(), threads=threads, high_noise_share=high_noise_share, export_minutes=export_minutes))
+                ZeroSnrSettings(), threads=threads, high_noise_share=high_noise_share, export_minutes=export_minutes,
+                motion_weights=_motion_weights(motion_weight or [])))
         else:
             recipe = pretrain(out, **common, settings=replace(
                 PretrainSettings(), threads=threads, high_noise_share=high_noise_share,

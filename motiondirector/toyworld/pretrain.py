@@ -248,10 +248,14 @@ def quality_probe(components: dict, prompts: list[Scene], seed: int, steps: int 
 
 
 def _draw_batch(latents: torch.Tensor, scene_index: torch.Tensor, caption_ids: torch.Tensor, empty_id: int,
-                settings, scheduler, rng: torch.Generator):
+                settings, scheduler, rng: torch.Generator, clip_weights: torch.Tensor | None = None):
     """One training batch from the pool: clean latents, noise, timesteps, noisy latents, caption ids
-    (a `caption_dropout` share of them emptied for classifier-free guidance)."""
-    index = torch.randint(0, len(latents), (settings.batch,), generator=rng)
+    (a `caption_dropout` share of them emptied for classifier-free guidance). `clip_weights`: draw
+    clips in proportion to them instead of uniformly."""
+    if clip_weights is None:
+        index = torch.randint(0, len(latents), (settings.batch,), generator=rng)
+    else:
+        index = torch.multinomial(clip_weights, settings.batch, replacement=True, generator=rng)
     clean = latents[index]
     ids = caption_ids[scene_index[index]]
     dropped = torch.rand(settings.batch, generator=rng) < settings.caption_dropout
@@ -480,9 +484,26 @@ class ZeroSnrSettings:
     probe_minutes: float = 20.0
     probe_prompts: int = 16
     pool_motions: tuple[str, ...] = PRETRAIN_MOTIONS  # all of them; fewer only for tests
+    # (motion, weight) pairs: draw that motion's clips `weight` times as often as the others (1); for the
+    # direction words a run has not separated yet (docs/toyworld.md).
+    motion_weights: tuple[tuple[str, float], ...] = ()
     # Also export the EMA weights every this many minutes while training (0: only at the end).
     export_minutes: float = 0.0
     threads: int = 2
+
+
+def motion_clip_weights(scene_index: torch.Tensor, scenes: list[Scene],
+                        motion_weights: tuple[tuple[str, float], ...]) -> torch.Tensor | None:
+    """Per-clip draw weights from (motion, weight) pairs (others weigh 1); None when there are none."""
+    if not motion_weights:
+        return None
+    weights = dict(motion_weights)
+    unknown = sorted(set(weights) - {s.motion for s in scenes})
+    if unknown or min(weights.values()) <= 0:
+        raise ValueError(f"motion weights {weights}: expected positive weights of pool motions "
+                         f"({', '.join(sorted({s.motion for s in scenes}))})"
+                         + (f"; not in the pool: {', '.join(unknown)}" if unknown else ""))
+    return torch.tensor([weights.get(scenes[i].motion, 1.0) for i in scene_index.tolist()], dtype=torch.float64)
 
 
 def v_loss_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -577,6 +598,7 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
     caption_ids = tokenizer(pool["captions"] + [""], padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids
     empty_id = len(pool["captions"])
+    clip_weights = motion_clip_weights(pool["scene_index"], all_scenes(settings.pool_motions), settings.motion_weights)
 
     training = _DenoiserTraining(components, lr=settings.lr, ema_decay=settings.ema_decay, seed=settings.seed)
     trained, parameters, optimizer, ema, rng = (training.trained, training.parameters, training.optimizer,
@@ -586,7 +608,8 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
     warmup_from = step
     phases: list[dict] = [dict(p) for p in previous["phases"]] if previous else []
     current = {"threads": settings.threads, "batch": settings.batch, "lr": settings.lr,
-               "high_noise_share": settings.high_noise_share, "snr_gamma": settings.snr_gamma}
+               "high_noise_share": settings.high_noise_share, "snr_gamma": settings.snr_gamma,
+               "motion_weights": dict(settings.motion_weights)}
     if checkpoint_path.exists():
         state = training.load(checkpoint_path)
         step, seconds, phases = state["step"], state["seconds"], state["phases"]
@@ -621,7 +644,7 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
 
     def train_step(step: int) -> float:
         clean, noise, timesteps, noisy, ids = _draw_batch(latents, pool["scene_index"], caption_ids, empty_id,
-                                                          settings, scheduler, rng)
+                                                          settings, scheduler, rng, clip_weights)
         target = scheduler.get_velocity(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3, 4))
