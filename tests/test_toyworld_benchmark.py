@@ -78,7 +78,16 @@ def test_benchmark_runs_every_mode_and_setting(toy_like, tmp_path):
     assert [(r["setting"], r["mode"]) for r in logged] == [(r["setting"], r["mode"]) for r in rows]
     assert len(logged[-1]["samples"]) == 4 and "distinct_corr" in logged[-1]["samples"][0]
     table = (tmp_path / "benchmark.md").read_text()
-    assert table.count("| dual_path |") == 4 and "motion fidelity" in table  # the motion and the attribute table
+    # The motion, attribute, paired-Δ and reference-prompt tables.
+    assert table.count("| dual_path |") == 8 and "motion fidelity" in table and "Δ y corr." in table
+    for row in rows:
+        assert len(row["reference_prompt_samples"]) == 4 and "y_corr" in row["reference_prompt"]
+        assert ("paired" in row) == (row["mode"] != "base")
+    dual = rows[3]
+    expected = [a["x_corr"] - b["x_corr"] for a, b in zip(dual["samples"], rows[0]["samples"], strict=True)
+                if a["x_corr"] is not None and b["x_corr"] is not None]
+    if expected:
+        assert dual["paired"]["x_corr"][0] == pytest.approx(np.mean(expected))
     assert "distinctive corr." in table and "y corr." in table and "colour leak" in table
     assert "one object per frame" in table
     assert (tmp_path / "grid-1-video.png").is_file() and (tmp_path / "gifs" / "2v-dual_path.gif").is_file()

@@ -31,7 +31,7 @@ from motiondirector.toyworld.evaluate import (
     score_sample,
     summarize,
 )
-from motiondirector.toyworld.probes import ATTRIBUTES
+from motiondirector.toyworld.probes import ATTRIBUTES, mean_ci
 from motiondirector.toyworld.render import (
     BACKGROUNDS,
     HELD_OUT_MOTION,
@@ -178,6 +178,9 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
     prompts = other_appearance_prompts(reference, settings.prompts, settings.seed)
     pairs = [(scene, _SAMPLE_SEED_OFFSET + s) for scene in prompts for s in range(settings.seeds)]
     scenes, seeds = [p[0] for p in pairs], [p[1] for p in pairs]
+    # The reference prompt itself: did the LoRA learn the motion at all (before asking whether it transfers)?
+    own_seeds = [_SAMPLE_SEED_OFFSET + s for s in range(2 * settings.seeds)]
+    own_scenes = [reference] * len(own_seeds)
     size = (settings.sampling.height, settings.sampling.width)
     clips = [render(scene, frames=settings.sampling.frames, size=size, seed=v) for v, scene in
              enumerate(reference_scenes(reference, prompts, max(settings.videos), settings.multi_video_appearance))]
@@ -205,6 +208,7 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
             train_seconds = 0.0
             if mode == "base":
                 frames = generate_scenes(backbone, scenes, seeds, settings.sampling)
+                own = generate_scenes(backbone, own_scenes, own_seeds, settings.sampling)
             else:
                 try:
                     summary = train(train_config(settings, backbone, mode, videos, reference.caption),
@@ -217,14 +221,20 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
                 train_seconds = summary.seconds
                 with composed(backbone, _inference_choices(summary.packages, mode)):
                     frames = generate_scenes(backbone, scenes, seeds, settings.sampling)
+                    own = generate_scenes(backbone, own_scenes, own_seeds, settings.sampling)
             scores = [score_sample(video, scene, seed, reference, clips[0].trajectory)
                       for video, scene, seed in zip(frames, scenes, seeds, strict=True)]
             for row in scores:
                 row["appearance"] = float(np.mean([row[a] for a in ATTRIBUTES]))
+            own_scores = [score_sample(video, reference, seed, None, clips[0].trajectory)
+                          for video, seed in zip(own, own_seeds, strict=True)]
             result = {"setting": label, "mode": mode, "train_seconds": round(train_seconds, 1),
-                      "metrics": summarize(scores), "samples": scores}
+                      "metrics": summarize(scores), "samples": scores,
+                      "reference_prompt": summarize(own_scores), "reference_prompt_samples": own_scores}
             if mode == "base":
                 base_result = result
+            else:
+                result["paired"] = paired_differences(scores, base_result["samples"]) if base_result else {}
             add(result)
             grids.setdefault(label, []).append(frames[:4])
             write_gif(frames[0], out / "gifs" / f"{videos}v-{mode}.gif")
@@ -237,6 +247,19 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
     (out / "benchmark.json").write_text(json.dumps(result, indent=2))
     (out / "benchmark.md").write_text(table_markdown(result))
     return result
+
+
+PAIRED_KEYS = ("motion_fidelity", "y_corr", "distinct_corr", "distinct_amp", "x_corr", "appearance", "leak_any")
+
+
+def paired_differences(scores: list[dict], base_scores: list[dict]) -> dict[str, tuple[float, float]]:
+    """Mean ± 95% CI of (mode − base) per sample: the same prompt and initial noise, so the paired
+    difference is far tighter than the difference of two row means."""
+    differences = {}
+    for key in PAIRED_KEYS:
+        pairs = [(a.get(key), b.get(key)) for a, b in zip(scores, base_scores, strict=True)]
+        differences[key] = mean_ci([float(a) - float(b) for a, b in pairs if a is not None and b is not None])
+    return differences
 
 
 MOTION_COLUMNS = (("motion_fidelity", "motion fidelity"), ("fidelity", "axes mean"), ("x_corr", "x corr."),
@@ -268,4 +291,34 @@ def table_markdown(result: dict) -> str:
         motion.append(start + " | ".join(cells) + " |")
         attributes.append(start + " | ".join([format_cell(m[a], True) for a in ATTRIBUTES]
                                              + [format_cell(m[f"leak_{a}"], True) for a in ATTRIBUTES]) + " |")
-    return "\n".join([header, "", *motion, "", *attributes]) + "\n"
+    tables = [header, "", *motion, "", *attributes]
+    paired = [row for row in result["rows"] if row.get("paired")]
+    if paired:
+        names = {"appearance": "appearance", "leak_any": "leakage", **dict(MOTION_COLUMNS)}
+        tables += ["", "| setting | mode | " + " | ".join(f"Δ {names[k]}" for k in PAIRED_KEYS) + " |",
+                   "|---|---|" + "---|" * len(PAIRED_KEYS)]
+        tables += [f"| {row['setting']} | {row['mode']} | "
+                   + " | ".join(_signed(row["paired"][k], k in ("appearance", "leak_any")) for k in PAIRED_KEYS) + " |"
+                   for row in paired]
+        tables += ["", "Δ = paired difference from the base sample with the same prompt and noise (mean ± 95% CI)."]
+    own = [row for row in result["rows"] if row.get("reference_prompt")]
+    if own:
+        count = len(own[0]["reference_prompt_samples"])
+        tables += ["", f"On the reference prompt itself (\"{result['reference']}\", {count} seeds): was the motion "
+                   "learnt at all?", "",
+                   "| setting | mode | " + " | ".join(name for key, name in MOTION_COLUMNS if key in _OWN_KEYS) + " |",
+                   "|---|---|" + "---|" * len(_OWN_KEYS)]
+        tables += [f"| {row['setting']} | {row['mode']} | " + " | ".join(
+            format_cell(row["reference_prompt"][key], key in _PERCENT) if key in row["reference_prompt"] else "n/a"
+            for key, _ in MOTION_COLUMNS if key in _OWN_KEYS) + " |" for row in own]
+    return "\n".join(tables) + "\n"
+
+
+_OWN_KEYS = ("motion_fidelity", "x_corr", "y_corr", "distinct_corr", "distinct_amp", "one_object")
+
+
+def _signed(value: tuple[float, float], percent: bool) -> str:
+    mean, ci = value
+    if np.isnan(mean):
+        return "n/a"
+    return f"{100 * mean:+.0f} ± {100 * ci:.0f} pp" if percent else f"{mean:+.2f} ± {ci:.2f}"
