@@ -108,9 +108,12 @@ def test_zero_snr_stage_warm_starts_resumes_and_continues_from_its_export(tmp_pa
     with pytest.raises(ValueError, match="--resume"):
         zero_snr_pretrain(work, init=init, max_steps=3, export_to=model, settings=settings, **quiet)
     resumed = zero_snr_pretrain(work, init=init, resume=True, max_steps=3, export_to=model,
-                                settings=replace(settings, lr=5e-4, motion_weights=(("left", 3.0),)), **quiet)
-    assert [(p["first_step"], p["lr"], p["motion_weights"]) for p in resumed["stages"][-1]["phases"]] == [
-        (0, 1e-3, {}), (2, 5e-4, {"left": 3.0})]
+                                settings=replace(settings, lr=5e-4, motion_weights=(("left", 3.0),), text_lr_scale=4.0),
+                                **quiet)
+    assert [(p["first_step"], p["lr"], p["motion_weights"], p["text_lr_scale"])
+            for p in resumed["stages"][-1]["phases"]] == [(0, 1e-3, {}, 1.0), (2, 5e-4, {"left": 3.0}, 4.0)]
+    optimizer = torch.load(work / "checkpoint.pt", weights_only=False)["optimizer"]
+    assert [group["lr"] for group in optimizer["param_groups"]] == pytest.approx([5e-4 * 3 / 100, 4 * 5e-4 * 3 / 100])
 
     backbone = load_backbone(str(model), "cpu")
     config = backbone.scheduler.config

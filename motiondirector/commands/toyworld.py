@@ -86,6 +86,8 @@ def pretrain_command(
         help="Share of each batch drawn from the noisier half of the timesteps.")] = 0.5,
     high_noise_weight: Annotated[float, typer.Option(
         "--high-noise-weight", min=1.0, help="scratch stage: cap of the extra loss weight 1/SNR at high noise.")] = 10.0,
+    text_lr_scale: Annotated[float, typer.Option(
+        "--text-lr-scale", min=0.0, help="zero-snr stage: the text encoder learns at lr × this.")] = 1.0,
     motion_weight: Annotated[list[str] | None, typer.Option(
         "--motion-weight", help="zero-snr stage: MOTION=W draws that motion's clips W times as often; repeat.")] = None,
 ) -> None:
@@ -117,7 +119,7 @@ def pretrain_command(
         if stage == "zero-snr":
             recipe = zero_snr_pretrain(out, init=init or EMBEDDED_MODEL_FOLDER, **common, settings=replace(
                 ZeroSnrSettings(), threads=threads, high_noise_share=high_noise_share, export_minutes=export_minutes,
-                motion_weights=_motion_weights(motion_weight or [])))
+                motion_weights=_motion_weights(motion_weight or []), text_lr_scale=text_lr_scale))
         else:
             recipe = pretrain(out, **common, settings=replace(
                 PretrainSettings(), threads=threads, high_noise_share=high_noise_share,

@@ -165,11 +165,16 @@ class _Ema:
 class _DenoiserTraining:
     """What both stages train and checkpoint together: UNet + text encoder, their EMA, AdamW, the batch RNG."""
 
-    def __init__(self, components: dict, *, lr: float, ema_decay: float, seed: int) -> None:
+    def __init__(self, components: dict, *, lr: float, ema_decay: float, seed: int,
+                 text_lr_scale: float = 1.0) -> None:
         self.components = components
         self.trained = [components["unet"], components["text_encoder"]]
         self.parameters = [p for module in self.trained for p in module.parameters()]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=1e-2)
+        # One group per module: the text encoder may learn faster (`lr_scale`, applied by _optimizer_step).
+        self.text_lr_scale = text_lr_scale
+        self.optimizer = torch.optim.AdamW(
+            [{"params": list(module.parameters()), "lr_scale": scale}
+             for module, scale in zip(self.trained, (1.0, text_lr_scale), strict=True)], lr=lr, weight_decay=1e-2)
         self.ema = _Ema(self.trained, ema_decay)
         self.rng = torch.Generator().manual_seed(seed)
 
@@ -186,7 +191,14 @@ class _DenoiserTraining:
         self.trained[1].load_state_dict(state.pop("text_encoder"))
         for shadow, saved in zip(self.ema.shadow, state.pop("ema"), strict=True):
             shadow.load_state_dict(saved)
-        self.optimizer.load_state_dict(state.pop("optimizer"))
+        optimizer = state.pop("optimizer")
+        if len(optimizer["param_groups"]) == 1:  # a checkpoint from before the per-module groups
+            group, unet_count = optimizer["param_groups"][0], len(list(self.trained[0].parameters()))
+            optimizer["param_groups"] = [{**group, "params": group["params"][:unet_count]},
+                                         {**group, "params": group["params"][unet_count:]}]
+        self.optimizer.load_state_dict(optimizer)
+        for group, scale in zip(self.optimizer.param_groups, (1.0, self.text_lr_scale), strict=True):
+            group["lr_scale"] = scale  # this run's setting, not the checkpoint's
         self.rng.set_state(state.pop("rng"))
         return state
 
@@ -267,7 +279,7 @@ def _draw_batch(latents: torch.Tensor, scene_index: torch.Tensor, caption_ids: t
 
 def _optimizer_step(loss: torch.Tensor, optimizer, parameters: list, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -487,6 +499,9 @@ class ZeroSnrSettings:
     # (motion, weight) pairs: draw that motion's clips `weight` times as often as the others (1); for the
     # direction words a run has not separated yet (docs/toyworld.md).
     motion_weights: tuple[tuple[str, float], ...] = ()
+    # The text encoder's learning rate = lr × this: it must carry a direction word into the later tokens,
+    # which the UNet attends to (docs/toyworld.md).
+    text_lr_scale: float = 1.0
     # Also export the EMA weights every this many minutes while training (0: only at the end).
     export_minutes: float = 0.0
     threads: int = 2
@@ -600,7 +615,8 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
     empty_id = len(pool["captions"])
     clip_weights = motion_clip_weights(pool["scene_index"], all_scenes(settings.pool_motions), settings.motion_weights)
 
-    training = _DenoiserTraining(components, lr=settings.lr, ema_decay=settings.ema_decay, seed=settings.seed)
+    training = _DenoiserTraining(components, lr=settings.lr, ema_decay=settings.ema_decay, seed=settings.seed,
+                                 text_lr_scale=settings.text_lr_scale)
     trained, parameters, optimizer, ema, rng = (training.trained, training.parameters, training.optimizer,
                                                 training.ema, training.rng)
     previous = _stage_of(init_recipe)
@@ -609,7 +625,7 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
     phases: list[dict] = [dict(p) for p in previous["phases"]] if previous else []
     current = {"threads": settings.threads, "batch": settings.batch, "lr": settings.lr,
                "high_noise_share": settings.high_noise_share, "snr_gamma": settings.snr_gamma,
-               "motion_weights": dict(settings.motion_weights)}
+               "motion_weights": dict(settings.motion_weights), "text_lr_scale": settings.text_lr_scale}
     if checkpoint_path.exists():
         state = training.load(checkpoint_path)
         step, seconds, phases = state["step"], state["seconds"], state["phases"]
