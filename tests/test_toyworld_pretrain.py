@@ -125,7 +125,11 @@ def test_zero_snr_stage_warm_starts_resumes_and_continues_from_its_export(tmp_pa
 
     # The work folder is gone: continue from the exported (committed) folder; steps keep counting.
     continued = zero_snr_pretrain(tmp_path / "work2", init=model, max_steps=5, export_to=tmp_path / "model2",
-                                  settings=settings, **quiet)
+                                  settings=replace(settings, export_minutes=1e-9), **quiet)
+    # Every periodic export is also kept by step, so a better earlier one can still be shipped.
+    kept = sorted(p.name for p in (tmp_path / "work2" / "exports").iterdir())
+    assert kept and set(kept) <= {"step-4", "step-5"}
+    assert all((tmp_path / "work2" / "exports" / name / "unet" / "config.json").is_file() for name in kept)
     phases = continued["stages"][-1]["phases"]
     assert continued["stages"][-1]["steps"] == 5 and phases[-1]["first_step"] == 3
     assert phases[-1]["warm_start"].startswith("exported EMA weights")

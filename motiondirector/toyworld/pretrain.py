@@ -650,12 +650,17 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
     probe_scenes = [scenes[i] for i in torch.randperm(len(scenes), generator=torch.Generator().manual_seed(1))
                     [:settings.probe_prompts].tolist()]
 
-    def export_now() -> dict:
+    def export_now(snapshot: bool = False) -> dict:
+        """Export the EMA weights; `snapshot` also keeps them as WORK/exports/step-N, so an earlier export
+        that measures better than the last one can still be shipped (15 MB each)."""
         recipe = zero_snr_recipe(init_recipe, settings, step=step, seconds=seconds, phases=phases,
                                  pool_clips=len(latents), text_gaps=text_feature_gaps(ema.shadow[1], tokenizer))
+        extra = {"motiondirector.json": MODEL_DEFAULTS}
         if export_to is not None:
-            export(ema_components(), Path(export_to), recipe, extra={"motiondirector.json": MODEL_DEFAULTS})
+            export(ema_components(), Path(export_to), recipe, extra=extra)
             log(f"exported stage step {step} to {export_to}; text feature gaps {recipe['stages'][-1]['text_feature_gaps_l2']}")
+        if snapshot:
+            export(ema_components(), out / "exports" / f"step-{step}", recipe, extra=extra)
         return recipe
 
     def train_step(step: int) -> float:
@@ -677,7 +682,7 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
         nonlocal step, seconds
         step, seconds = step_now, seconds_now
         save_checkpoint()
-        export_now()
+        export_now(snapshot=True)
 
     def save(step_now: int, seconds_now: float) -> None:
         nonlocal step, seconds
