@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,27 @@ def test_varied_reference_looks_avoid_the_reference_and_every_prompt():
     assert reference_scenes(reference, prompts, 3, "same") == [reference] * 3
     with pytest.raises(ValueError, match="only 4 are left"):
         reference_scenes(reference, prompts, 6, "varied")
+
+
+def test_demo_shows_the_lora_on_a_new_look_and_on_the_reference_prompt(toy_like_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(toy_like_dir, model)
+    (model / "motiondirector.json").write_text(json.dumps({"defaults": {
+        "frames": 4, "height": 32, "width": 32, "fps": 8.0, "steps": 2, "guidance": 3.0}}))
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--base", str(model), "--steps", "2", "--videos", "2", "--out", str(out),
+                                      "--device", "cpu", "--json"])
+    assert result.exit_code == ExitCode.OK, result.output
+    payload = json.loads(result.stdout)
+    videos = payload["videos"]
+    assert set(videos) == {"with-lora", "base", "with-lora-reference-prompt", "base-reference-prompt"}
+    for label, rows in videos.items():
+        assert len(rows) == 2 and all(Path(row["files"]["mp4"]).is_file() for row in rows)
+        on_reference = label.endswith("reference-prompt")
+        assert all(row["prompt"] == (payload["reference"]["prompt"] if on_reference else payload["prompt"])
+                   for row in rows)
+        assert all(("leak_any" in row["scores"]) != on_reference for row in rows)  # no leakage on its own look
+    assert [row["seed"] for row in videos["with-lora"]] == [row["seed"] for row in videos["base"]]  # same noise
+    assert (out / "run" / "temporal").is_dir() and (out / "reference.gif").is_file()

@@ -1,8 +1,9 @@
 """`motiondirector demo --out DIR` (what `make demo` runs): the whole method on the embedded toy model.
 
 Renders a reference clip of the held-out motion, trains a dual-path LoRA on it, generates that
-motion with a different appearance (and the base model from the same noise, for comparison) and
-prints the output paths with the probes' scores.
+motion with a different appearance and on the reference prompt itself (each also from the base
+model with the same noise, for comparison) and prints the output paths with the probes' scores:
+the reference prompt shows whether the motion was learnt, the new appearance whether it transfers.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _backbone(base: str, out: Path, device: str):
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("demo-out"),
     base: Annotated[str, typer.Option("--base", help="Base model (default: the embedded toy model).")] = "toy",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="LoRA training steps.")] = 150,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="LoRA training steps.")] = 600,
     videos: Annotated[int, typer.Option("--videos", min=1, help="Videos to generate per model.")] = 4,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     device: DeviceOption = "auto",
@@ -74,13 +75,20 @@ def demo(
             summary = train(config, out / "run", overwrite=True, backbone=backbone,
                             records=clip_records(backbone, [clip]), observers=[bars])
 
-        console.print(f"3/3 generating {TARGET_PROMPT!r} with the motion LoRA and with the base model", highlight=False)
+        console.print(f"3/3 generating {TARGET_PROMPT!r} (new appearance) and {REFERENCE_PROMPT!r} (the reference "
+                      "prompt) with the motion LoRA and with the base model", highlight=False)
         results = {}
-        for label, motions in (("with-lora", [LoraChoice(reference=summary.packages["temporal"])]), ("base", [])):
-            params = GenerationParams(base=base, prompts=[TARGET_PROMPT] * videos, motions=motions, seed=seed)
+        lora = [LoraChoice(reference=summary.packages["temporal"])]
+        for label, prompt, asked, motions in (("with-lora", TARGET_PROMPT, target, lora),
+                                              ("base", TARGET_PROMPT, target, []),
+                                              ("with-lora-reference-prompt", REFERENCE_PROMPT, reference_scene, lora),
+                                              ("base-reference-prompt", REFERENCE_PROMPT, reference_scene, [])):
+            params = GenerationParams(base=base, prompts=[prompt] * videos, motions=motions, seed=seed)
             generated = save_videos(generate(params, backbone=backbone), out / label)
+            leak_reference = reference_scene if asked is target else None  # no leakage on the reference's own look
             results[label] = [{"files": {k: str(v) for k, v in video.files.items()}, "seed": video.seed,
-                               "scores": score_sample(video.frames, target, video.seed, reference_scene,
+                               "prompt": prompt,
+                               "scores": score_sample(video.frames, asked, video.seed, leak_reference,
                                                       clip.trajectory)} for video in generated]
     payload = {"reference": {"prompt": REFERENCE_PROMPT, "files": [str(p) for p in reference_files]},
                "lora": summary.packages["temporal"], "prompt": TARGET_PROMPT, "videos": results}
@@ -88,13 +96,19 @@ def demo(
         print_json(payload)
         return
     for label, rows in results.items():
+        typer.echo(f"{label} ({rows[0]['prompt']!r}):")
         for row in rows:
             s = row["scores"]
-            typer.echo(f"{label:9s} {row['files']['mp4']}: motion fidelity {s['fidelity']:+.2f}, colour "
-                          f"{'ok' if s['colour'] else 'wrong'}, shape {'ok' if s['shape'] else 'wrong'}, background "
-                          f"{'ok' if s['background'] else 'wrong'}, one object in {s['one_object']:.0%} of frames, "
-                          f"reference appearance leaked: {'yes' if s['leak_any'] else 'no'}")
+            leaked = "" if "leak_any" not in s else f", reference appearance leaked: {'yes' if s['leak_any'] else 'no'}"
+            typer.echo(f"  {row['files']['mp4']}: motion fidelity {s['fidelity']:+.2f} (vertical swing "
+                       f"{_signed(s['y_corr'])}), colour {'ok' if s['colour'] else 'wrong'}, shape "
+                       f"{'ok' if s['shape'] else 'wrong'}, background {'ok' if s['background'] else 'wrong'}, "
+                       f"one object in {s['one_object']:.0%} of frames{leaked}")
     typer.echo(f"reference clip: {reference_files[0]}\nmotion LoRA: {summary.packages['temporal']}")
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
 
 
 def register(app: typer.Typer) -> None:
