@@ -31,9 +31,9 @@ class ModelDefaults:
     fps: float
     steps: int
     guidance: float
-    source: str = ""
+    source: str = ""  # where the values came from (shown by `--json` outputs and recorded in sidecars)
     # Share of LoRA training steps drawing t from the high range (config `timesteps.high_share`).
-    timestep_high_share: float = 0.0  # where the values came from (shown by `--json` outputs and recorded in sidecars)
+    timestep_high_share: float = 0.0
 
     def values(self) -> dict[str, Any]:
         """The sampling and geometry values (what sidecars record)."""

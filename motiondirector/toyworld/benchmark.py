@@ -84,13 +84,18 @@ def parse_appearance(text: str) -> tuple[str, str, str]:
     return found[0], found[1], found[2]
 
 
-def other_appearance_prompts(reference: Scene, count: int, seed: int, *, limit: bool = True) -> list[Scene]:
-    """`count` scenes of the reference's motion whose colour, shape and background all differ from it
-    (`limit=False`: as many as there are, up to `count`)."""
+def _other_appearances(reference: Scene, seed: int) -> list[Scene]:
+    """Every scene of the reference's motion whose colour, shape and background all differ from it, shuffled."""
     others = [Scene(c, s, b, reference.motion) for c, s, b in product(OBJECT_COLOURS, SHAPES, BACKGROUNDS)
               if c != reference.colour and s != reference.shape and b != reference.background]
     random.Random(seed).shuffle(others)
-    if limit and count > len(others):
+    return others
+
+
+def other_appearance_prompts(reference: Scene, count: int, seed: int) -> list[Scene]:
+    """`count` scenes of the reference's motion whose colour, shape and background all differ from it."""
+    others = _other_appearances(reference, seed)
+    if count > len(others):
         raise ValueError(f"--prompts {count}: the world has only {len(others)} appearances that differ from "
                          f"the reference in colour, shape and background")
     return others[:count]
@@ -104,8 +109,7 @@ def reference_scenes(reference: Scene, prompts: list[Scene], videos: int, appear
     if appearance != "varied":
         raise ValueError(f"multi-video appearance {appearance!r}: expected 'same' or 'varied'")
     asked = {p.caption for p in prompts}
-    spare = [s for s in other_appearance_prompts(reference, len(OBJECT_COLOURS) * len(SHAPES) * len(BACKGROUNDS),
-                                                 seed=0, limit=False) if s.caption not in asked]
+    spare = [s for s in _other_appearances(reference, seed=0) if s.caption not in asked]
     if len(spare) < videos - 1:
         raise ValueError(f"{videos} videos of varied appearance need {videos - 1} appearances besides the reference "
                          f"and the {len(prompts)} prompts; only {len(spare)} are left (ask for fewer --prompts)")
