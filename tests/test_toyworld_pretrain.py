@@ -125,7 +125,7 @@ def test_zero_snr_stage_warm_starts_resumes_and_continues_from_its_export(tmp_pa
 
     # The work folder is gone: continue from the exported (committed) folder; steps keep counting.
     continued = zero_snr_pretrain(tmp_path / "work2", init=model, max_steps=5, export_to=tmp_path / "model2",
-                                  settings=replace(settings, export_minutes=1e-9), **quiet)
+                                  settings=replace(settings, export_minutes=1e-9, separate_motion_words=20.0), **quiet)
     # Every periodic export is also kept by step, so a better earlier one can still be shipped.
     kept = sorted(p.name for p in (tmp_path / "work2" / "exports").iterdir())
     assert kept and set(kept) <= {"step-4", "step-5"}
@@ -133,6 +133,8 @@ def test_zero_snr_stage_warm_starts_resumes_and_continues_from_its_export(tmp_pa
     phases = continued["stages"][-1]["phases"]
     assert continued["stages"][-1]["steps"] == 5 and phases[-1]["first_step"] == 3
     assert phases[-1]["warm_start"].startswith("exported EMA weights")
+    separated = phases[-1]["motion_words_separated"]  # applied at the warm start, with its gaps recorded
+    assert separated["after"]["left/right"] > separated["before"]["left/right"]
     assert continued["denoiser_steps"] == resumed["denoiser_steps"] + 2
 
 
@@ -147,3 +149,31 @@ def test_motion_weights_draw_a_motion_more_often_and_reject_unknown_motions():
     assert weights[lefts].sum() == 3 * weights[~lefts].sum()  # as many clips of each: three times the draws
     with pytest.raises(ValueError, match="not in the pool: zigzag"):
         motion_clip_weights(scene_index, scenes, (("zigzag", 2.0),))
+
+
+def test_separating_the_motion_words_moves_only_their_embeddings_and_opens_the_gaps(tmp_path):
+    from motiondirector.backbones.tiny import write_tiny_model
+    from motiondirector.toyworld.pretrain import load_model_components, separate_motion_words
+    from motiondirector.toyworld.render import MOTION_PHRASES, OBJECT_COLOURS, PRETRAIN_MOTIONS
+
+    folder = write_tiny_model(tmp_path / "v1", TinyModelConfig(vae_channels=(8, 16, 16), words=world_words()))
+    components = load_model_components(folder)
+    text_encoder, tokenizer = components["text_encoder"], components["tokenizer"]
+    embedding = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():  # the shipped v1 problem, exaggerated: opposite words start with one embedding
+        for first, second in (("left", "right"), ("up", "down"), ("growing", "shrinking")):
+            embedding[tokenizer.convert_tokens_to_ids(second + "</w>")] = embedding[
+                tokenizer.convert_tokens_to_ids(first + "</w>")]
+    before = {name: p.detach().clone() for name, p in text_encoder.named_parameters()}
+    gaps = separate_motion_words(text_encoder, tokenizer, 4.0, steps=150, seed=0)
+
+    for pair in ("left/right", "up/down", "grow/shrink"):
+        assert gaps["before"][pair] == 0 and gaps["after"][pair] > 2.0, (pair, gaps)
+    embedding = embedding.detach()
+    moved = {tokenizer.convert_tokens_to_ids(MOTION_PHRASES[m].split()[-1] + "</w>") for m in PRETRAIN_MOTIONS}
+    name = next(n for n, p in text_encoder.named_parameters() if p.data_ptr() == embedding.data_ptr())
+    changed = (embedding != before[name]).any(dim=1).nonzero().flatten().tolist()
+    assert set(changed) == moved  # "moving", "zigzag" and every appearance word are untouched
+    assert all(torch.equal(p, before[n]) for n, p in text_encoder.named_parameters() if n != name)
+    colour_ids = [tokenizer.convert_tokens_to_ids(c + "</w>") for c in OBJECT_COLOURS]
+    assert embedding[sorted(moved)].norm(dim=1).max() <= embedding[colour_ids].norm(dim=1).max() + 1e-5

@@ -90,6 +90,10 @@ def pretrain_command(
         "--text-lr-scale", min=0.0, help="zero-snr stage: the text encoder learns at lr × this.")] = 1.0,
     motion_weight: Annotated[list[str] | None, typer.Option(
         "--motion-weight", help="zero-snr stage: MOTION=W draws that motion's clips W times as often; repeat.")] = None,
+    separate_motion_words: Annotated[float, typer.Option(
+        "--separate-motion-words", min=0.0,
+        help="zero-snr stage, at a warm start: move the motion words' embeddings until captions differing only "
+             "in the motion are this far apart in text features (L2; 0: off).")] = 0.0,
 ) -> None:
     """Pretrain the toy base model; resumable in chunks (see docs/toyworld.md for the shipped recipe)."""
     from dataclasses import replace
@@ -119,7 +123,8 @@ def pretrain_command(
         if stage == "zero-snr":
             recipe = zero_snr_pretrain(out, init=init or EMBEDDED_MODEL_FOLDER, **common, settings=replace(
                 ZeroSnrSettings(), threads=threads, high_noise_share=high_noise_share, export_minutes=export_minutes,
-                motion_weights=_motion_weights(motion_weight or []), text_lr_scale=text_lr_scale))
+                motion_weights=_motion_weights(motion_weight or []), text_lr_scale=text_lr_scale,
+                separate_motion_words=separate_motion_words))
         else:
             recipe = pretrain(out, **common, settings=replace(
                 PretrainSettings(), threads=threads, high_noise_share=high_noise_share,

@@ -30,6 +30,8 @@ from motiondirector.backbones.tiny import TinyModelConfig, build_components, sav
 from motiondirector.storage import atomic_write, staged_folder
 from motiondirector.toyworld.render import (
     HELD_OUT_MOTION,
+    MOTION_PHRASES,
+    OBJECT_COLOURS,
     PRETRAIN_MOTIONS,
     Scene,
     all_scenes,
@@ -502,6 +504,10 @@ class ZeroSnrSettings:
     # The text encoder's learning rate = lr × this: it must carry a direction word into the later tokens,
     # which the UNet attends to (docs/toyworld.md).
     text_lr_scale: float = 1.0
+    # At a warm start, move the motion words' token embeddings until captions that differ only in the
+    # motion are at least this far apart in the text encoder's output (L2; 0: off). The v1 text encoder
+    # had learnt to ignore them (docs/toyworld.md); only those embedding rows change.
+    separate_motion_words: float = 0.0
     # Also export the EMA weights every this many minutes while training (0: only at the end).
     export_minutes: float = 0.0
     threads: int = 2
@@ -560,6 +566,52 @@ def text_feature_gaps(text_encoder, tokenizer) -> dict[str, float]:
     return gaps
 
 
+def separate_motion_words(text_encoder, tokenizer, target_gap: float, *, steps: int = 300, lr: float = 0.01,
+                          seed: int = 0) -> dict[str, dict[str, float]]:
+    """Train only the token embeddings of the pretraining motion words so that every two captions that
+    differ only in their motion get text features ≥ `target_gap` apart (a hinge on the L2 distance).
+
+    The embeddings stay within the largest colour word's norm, and every other weight is untouched, so
+    the features of colours, shapes and backgrounds move only through attention. Returns the
+    `text_feature_gaps` before and after.
+    """
+    embedding = text_encoder.get_input_embeddings().weight
+    embedding_name = next(name for name, p in text_encoder.named_parameters() if p is embedding)
+    motion_word_ids = [tokenizer.convert_tokens_to_ids(MOTION_PHRASES[m].split()[-1] + "</w>") for m in PRETRAIN_MOTIONS]
+    colour_ids = [tokenizer.convert_tokens_to_ids(c + "</w>") for c in OBJECT_COLOURS]
+    max_norm = float(embedding.detach()[colour_ids].norm(dim=1).max())
+    # One row per appearance: the captions of all pretraining motions with that appearance.
+    appearances = all_scenes(PRETRAIN_MOTIONS[:1])
+    captions = [[scene.replace(motion=m).caption for m in PRETRAIN_MOTIONS] for scene in appearances]
+    ids = tokenizer(sum(captions, []), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.view(len(appearances), len(PRETRAIN_MOTIONS), -1)
+    before = text_feature_gaps(text_encoder, tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    rows = embedding[motion_word_ids].detach().clone()
+    # A little noise breaks the tie of words with equal embeddings, which the symmetric hinge cannot.
+    rows = (rows + 0.01 * max_norm * torch.randn(rows.shape, generator=generator)).requires_grad_(True)
+    optimizer = torch.optim.Adam([rows], lr=lr)
+    others = ~torch.eye(len(PRETRAIN_MOTIONS), dtype=torch.bool)
+    was_training = text_encoder.training
+    text_encoder.eval()
+    for _ in range(steps):
+        batch = ids[torch.randint(len(appearances), (8,), generator=generator)]
+        table = embedding.detach().index_put((torch.tensor(motion_word_ids),), rows)
+        hidden = torch.func.functional_call(text_encoder, {embedding_name: table}, (batch.flatten(0, 1),))[0]
+        hidden = hidden.view(*batch.shape[:2], -1)
+        gaps = torch.cdist(hidden, hidden)[:, others]
+        loss = torch.relu(target_gap - gaps).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            rows.mul_(torch.clamp(max_norm / rows.norm(dim=1, keepdim=True), max=1.0))
+    with torch.no_grad():
+        embedding[motion_word_ids] = rows
+    text_encoder.train(was_training)
+    return {"before": before, "after": text_feature_gaps(text_encoder, tokenizer)}
+
+
 def _stage_of(recipe: dict) -> dict | None:
     return next((s for s in recipe.get("stages", []) if s.get("name") == ZERO_SNR_STAGE), None)
 
@@ -615,6 +667,9 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
     empty_id = len(pool["captions"])
     clip_weights = motion_clip_weights(pool["scene_index"], all_scenes(settings.pool_motions), settings.motion_weights)
 
+    # A warm start may first separate the motion words (before the EMA copies the text encoder).
+    separation = (separate_motion_words(text_encoder, tokenizer, settings.separate_motion_words, seed=settings.seed)
+                  if settings.separate_motion_words > 0 and not checkpoint_path.exists() else None)
     training = _DenoiserTraining(components, lr=settings.lr, ema_decay=settings.ema_decay, seed=settings.seed,
                                  text_lr_scale=settings.text_lr_scale)
     trained, parameters, optimizer, ema, rng = (training.trained, training.parameters, training.optimizer,
@@ -625,7 +680,8 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
     phases: list[dict] = [dict(p) for p in previous["phases"]] if previous else []
     current = {"threads": settings.threads, "batch": settings.batch, "lr": settings.lr,
                "high_noise_share": settings.high_noise_share, "snr_gamma": settings.snr_gamma,
-               "motion_weights": dict(settings.motion_weights), "text_lr_scale": settings.text_lr_scale}
+               "motion_weights": dict(settings.motion_weights), "text_lr_scale": settings.text_lr_scale,
+               "separate_motion_words": settings.separate_motion_words}
     if checkpoint_path.exists():
         state = training.load(checkpoint_path)
         step, seconds, phases = state["step"], state["seconds"], state["phases"]
@@ -639,6 +695,10 @@ def zero_snr_pretrain(out: Path, *, minutes: float, init: Path = EMBEDDED_MODEL_
                        "init": "embedded toy" if init.resolve() == EMBEDDED_MODEL_FOLDER else init.name, **current})
         rng.manual_seed(settings.seed + step)  # a continued stage does not replay the batches it saw
         log(f"warm start from {init} ({start}) at stage step {step}")
+        if separation:
+            phases[-1]["motion_words_separated"] = separation
+            log(f"separated the motion words' embeddings: text feature gaps {separation['before']} -> "
+                f"{separation['after']}")
         warmup_from = step  # a fresh optimizer warms its learning rate up again
 
     def save_checkpoint() -> None:
