@@ -118,6 +118,9 @@ def test_report_command_writes_docs_section(toy_like_dir, tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["prompts"] == 2 and report["held_out_prompts"] == 1
     assert "one object per frame" in text and 0.0 <= report["pretrain_motions"]["one_object"][0] <= 1.0
+    held_out_axes = text.split("per axis")[1].splitlines()
+    assert "| x corr. | y corr. | distinctive corr. | distinctive amp. |" in held_out_axes
+    assert -1.0 <= report["held_out_motion"]["distinct_corr"][0] <= 1.0
 
 
 def test_render_command(tmp_path):

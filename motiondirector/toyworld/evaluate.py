@@ -148,6 +148,15 @@ def report_markdown(report: dict, command: str) -> str:
     lines += ["", "| motion | " + " | ".join(report["fidelity_per_motion"]) + " |",
               "|---|" + "---|" * len(report["fidelity_per_motion"]),
               "| fidelity | " + " | ".join(format_cell(v, False) for v in report["fidelity_per_motion"].values()) + " |"]
+    # The held-out motion is novel when its distinctive component (the zigzag's vertical swing) is
+    # absent, even though the base draws its straight part (the left-to-right sweep).
+    axes = {"x corr.": "x_corr", "y corr.": "y_corr", "distinctive corr.": "distinct_corr",
+            "distinctive amp.": "distinct_amp"}
+    lines += ["", f"Held-out `{held['name']}` per axis (the distinctive component is its detrended vertical "
+                  "swing; see Metrics):", "",
+              "| " + " | ".join(axes) + " |", "|" + "---|" * len(axes),
+              "| " + " | ".join(format_cell(held.get(key, (float("nan"), float("nan"))), False)
+                                for key in axes.values()) + " |"]
     return "\n".join(lines) + "\n"
 
 
