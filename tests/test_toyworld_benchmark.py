@@ -219,3 +219,9 @@ def test_demo_shows_the_lora_on_a_new_look_and_on_the_reference_prompt(toy_like_
         assert all(("leak_any" in row["scores"]) != on_reference for row in rows)  # no leakage on its own look
     assert [row["seed"] for row in videos["with-lora"]] == [row["seed"] for row in videos["base"]]  # same noise
     assert (out / "run" / "temporal").is_dir() and (out / "reference.gif").is_file()
+    # Six training looks by default (the multi-video setting), none of them the generated new look.
+    looks = payload["training_clips"]
+    assert len(looks) == 6 == len(set(looks)) and looks[0] == payload["reference"]["prompt"]
+    assert payload["prompt"] not in looks
+    trained = json.loads((out / "run" / "summary.json").read_text())
+    assert len(trained["packages"]["spatial"]) == 6  # dual-path: one spatial (appearance) LoRA per training clip

@@ -1,7 +1,8 @@
 """`motiondirector demo --out DIR` (what `make demo` runs): the whole method on the embedded toy model.
 
-Renders a reference clip of the held-out motion, trains a dual-path LoRA on it, generates that
-motion with a different appearance and on the reference prompt itself (each also from the base
+Renders clips of the held-out motion (the reference and, by default, five other looks: the paper's
+multi-video setting, which the toy benchmark found transfer needs), trains a dual-path LoRA on them,
+generates that motion with an appearance none of them has and on the reference prompt itself (each also from the base
 model with the same noise, for comparison) and prints the output paths with the probes' scores:
 the reference prompt shows whether the motion was learnt, the new appearance whether it transfers.
 """
@@ -43,11 +44,14 @@ def demo(
     base: Annotated[str, typer.Option("--base", help="Base model (default: the embedded toy model).")] = "toy",
     steps: Annotated[int, typer.Option("--steps", min=1, help="LoRA training steps.")] = 600,
     videos: Annotated[int, typer.Option("--videos", min=1, help="Videos to generate per model.")] = 4,
+    looks: Annotated[int, typer.Option(
+        "--looks", min=1, help="Training clips: the reference and looks-1 other appearances of its motion "
+                               "(1: the reference clip alone).")] = 6,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
-    """Render a reference clip, train a dual-path motion LoRA on it, generate the motion with a new look."""
+    """Render reference clips, train a dual-path motion LoRA on them, generate the motion with a new look."""
     from motiondirector.api import (
         GenerationParams,
         LoraChoice,
@@ -57,7 +61,12 @@ def demo(
         write_gif,
         write_video,
     )
-    from motiondirector.toyworld.benchmark import BenchmarkSettings, clip_records, train_config
+    from motiondirector.toyworld.benchmark import (
+        BenchmarkSettings,
+        clip_records,
+        reference_scenes,
+        train_config,
+    )
     from motiondirector.toyworld.evaluate import score_sample
     from motiondirector.toyworld.render import parse_caption, render
 
@@ -65,15 +74,20 @@ def demo(
         backbone = _backbone(base, out, device)
         native = backbone.defaults  # the clip and the videos at the model's own frames, size and sampling
         reference_scene, target = parse_caption(REFERENCE_PROMPT), parse_caption(TARGET_PROMPT)
-        clip = render(reference_scene, frames=native.frames, size=(native.height, native.width), seed=seed)
+        # The other looks differ from the reference in colour, shape and background and are not the target.
+        clips = [render(scene, frames=native.frames, size=(native.height, native.width), seed=seed + index)
+                 for index, scene in enumerate(reference_scenes(reference_scene, [target], looks, "varied"))]
+        clip = clips[0]
         reference_files = [write_video(clip.frames, out / "reference.mp4"), write_gif(clip.frames, out / "reference.gif")]
-        console.print(f"1/3 reference clip: {REFERENCE_PROMPT!r} -> {reference_files[0]}", highlight=False)
+        console.print(f"1/3 reference clip: {REFERENCE_PROMPT!r} -> {reference_files[0]}"
+                      + "".join(f"\n    and {other.caption!r}" for other in clips[1:]), highlight=False)
 
-        console.print(f"2/3 training a dual-path LoRA ({steps} steps)", highlight=False)
-        config = train_config(BenchmarkSettings(steps=steps), backbone, "dual_path", 1, clip.caption)
+        console.print(f"2/3 training a dual-path LoRA on {looks} clip{'s' if looks > 1 else ''} ({steps} steps)",
+                      highlight=False)
+        config = train_config(BenchmarkSettings(steps=steps), backbone, "dual_path", looks, clip.caption)
         with RichProgress(console) as bars:
             summary = train(config, out / "run", overwrite=True, backbone=backbone,
-                            records=clip_records(backbone, [clip]), observers=[bars])
+                            records=clip_records(backbone, clips), observers=[bars])
 
         console.print(f"3/3 generating {TARGET_PROMPT!r} (new appearance) and {REFERENCE_PROMPT!r} (the reference "
                       "prompt) with the motion LoRA and with the base model", highlight=False)
@@ -91,6 +105,7 @@ def demo(
                                "scores": score_sample(video.frames, asked, video.seed, leak_reference,
                                                       clip.trajectory)} for video in generated]
     payload = {"reference": {"prompt": REFERENCE_PROMPT, "files": [str(p) for p in reference_files]},
+               "training_clips": [c.caption for c in clips],
                "lora": summary.packages["temporal"], "prompt": TARGET_PROMPT, "videos": results}
     if as_json:
         print_json(payload)
