@@ -225,3 +225,7 @@ def test_demo_shows_the_lora_on_a_new_look_and_on_the_reference_prompt(toy_like_
     assert payload["prompt"] not in looks
     trained = json.loads((out / "run" / "summary.json").read_text())
     assert len(trained["packages"]["spatial"]) == 6  # dual-path: one spatial (appearance) LoRA per training clip
+
+    too_many = CliRunner().invoke(app, ["demo", "--base", str(model), "--looks", "13", "--out", str(tmp_path / "x"),
+                                        "--device", "cpu"])
+    assert too_many.exit_code != ExitCode.OK and "--looks 13" in too_many.output and "only 11" in too_many.output

@@ -2,9 +2,10 @@
 
 Renders clips of the held-out motion (the reference and, by default, five other looks: the paper's
 multi-video setting, which the toy benchmark found transfer needs), trains a dual-path LoRA on them,
-generates that motion with an appearance none of them has and on the reference prompt itself (each also from the base
-model with the same noise, for comparison) and prints the output paths with the probes' scores:
-the reference prompt shows whether the motion was learnt, the new appearance whether it transfers.
+generates that motion with an appearance none of them has and on the reference prompt itself (each
+also from the base model with the same noise, for comparison) and prints the output paths with the
+probes' scores: the reference prompt shows whether the motion was learnt, the new appearance whether
+it transfers.
 """
 
 from __future__ import annotations
@@ -75,8 +76,12 @@ def demo(
         native = backbone.defaults  # the clip and the videos at the model's own frames, size and sampling
         reference_scene, target = parse_caption(REFERENCE_PROMPT), parse_caption(TARGET_PROMPT)
         # The other looks differ from the reference in colour, shape and background and are not the target.
+        try:
+            scenes = reference_scenes(reference_scene, [target], looks, "varied")
+        except ValueError as error:
+            raise ValueError(f"--looks {looks}: {error}") from None
         clips = [render(scene, frames=native.frames, size=(native.height, native.width), seed=seed + index)
-                 for index, scene in enumerate(reference_scenes(reference_scene, [target], looks, "varied"))]
+                 for index, scene in enumerate(scenes)]
         clip = clips[0]
         reference_files = [write_video(clip.frames, out / "reference.mp4"), write_gif(clip.frames, out / "reference.gif")]
         console.print(f"1/3 reference clip: {REFERENCE_PROMPT!r} -> {reference_files[0]}"

@@ -112,7 +112,7 @@ def reference_scenes(reference: Scene, prompts: list[Scene], videos: int, appear
     spare = [s for s in _other_appearances(reference, seed=0) if s.caption not in asked]
     if len(spare) < videos - 1:
         raise ValueError(f"{videos} videos of varied appearance need {videos - 1} appearances besides the reference "
-                         f"and the {len(prompts)} prompts; only {len(spare)} are left (ask for fewer --prompts)")
+                         f"and the {len(prompts)} prompts; only {len(spare)} are left (ask for fewer videos or prompts)")
     return [reference, *spare[:videos - 1]]
 
 
