@@ -142,6 +142,30 @@ def test_benchmark_settings_are_recorded(toy_like, tmp_path):
     assert result["settings"]["sampling"]["steps"] == 2 and [r["mode"] for r in result["rows"]] == ["base"]
 
 
+def test_training_runs_are_pooled_in_one_row(toy_like, tmp_path):
+    """Two LoRAs per mode (seeds 0 and 1): one row with both runs' samples, paired with the base twice over."""
+    from motiondirector.toyworld.benchmark import table_markdown
+
+    settings = BenchmarkSettings(videos=(1,), prompts=1, seeds=2, steps=2, rank=2, sampling=FAST_SAMPLING,
+                                 modes=("base", "dual_path"), training_runs=2)
+    result = run_benchmark(toy_like, settings, tmp_path, on_stage=lambda _: None)
+    base, lora = result["rows"]
+    assert len(base["samples"]) == 2 and len(lora["samples"]) == 4 and len(lora["reference_prompt_samples"]) == 8
+    assert [run["seed"] for run in lora["training_runs"]] == [0, 1]
+    assert {p.name for p in (tmp_path / "runs").iterdir()} == {"1v-dual_path-seed0", "1v-dual_path-seed1"}
+    seed0 = json.loads((tmp_path / "runs" / "1v-dual_path-seed0" / "summary.json").read_text())
+    seed1 = json.loads((tmp_path / "runs" / "1v-dual_path-seed1" / "summary.json").read_text())
+    assert seed0["losses"]["loss_temporal"] != seed1["losses"]["loss_temporal"]  # independently seeded trainings
+    # The pooled mean is the mean of the two runs' means (equal sample counts); each run pairs with the base.
+    x_corr = [run["metrics"]["x_corr"][0] for run in lora["training_runs"]]
+    assert np.isfinite(x_corr).all() and lora["metrics"]["x_corr"][0] == pytest.approx(np.mean(x_corr))
+    expected = np.mean([a["x_corr"] - b["x_corr"] for a, b in zip(lora["samples"], base["samples"] * 2,
+                                                                              strict=True)])
+    assert lora["paired"]["x_corr"][0] == pytest.approx(expected)
+    markdown = table_markdown(result)
+    assert "pools 2 training runs" in markdown and "| 1 video | dual_path | 1 |" in markdown
+
+
 def test_distinctive_component_of_the_zigzag():
     """The zigzag's vertical swing is its distinctive component; the left-to-right sweep alone does not pass."""
     reference = render(Scene("red", "circle", "grey", "zigzag"), seed=0).trajectory

@@ -210,6 +210,9 @@ def benchmark_command(
     guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,
     sampling_steps: Annotated[int, typer.Option("--sampling-steps", min=1)] = 20,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    training_runs: Annotated[int, typer.Option("--training-runs", min=1, help=(
+        "LoRAs trained per setting and mode (seeds --seed, --seed+1, ...), their samples pooled in one row, so "
+        "the CI covers the spread between training runs."))] = 1,
     docs: Annotated[Path | None, typer.Option(
         "--docs", help="Also replace the benchmark section of this markdown file (docs/toyworld.md).")] = None,
     device: DeviceOption = "auto",
@@ -226,7 +229,7 @@ def benchmark_command(
         settings = BenchmarkSettings(
             motion=motion, reference=reference, videos=tuple(videos or (1, 3)), prompts=prompts, seeds=seeds,
             steps=steps, rank=rank, lr=lr, ad_beta=beta, high_share=high_share, high_from=high_from,
-            multi_video_appearance=multi_video_appearance, seed=seed, **({"modes": tuple(modes)} if modes else {}),
+            multi_video_appearance=multi_video_appearance, seed=seed, training_runs=training_runs, **({"modes": tuple(modes)} if modes else {}),
             sampling=replace(TOY_SAMPLING, guidance=guidance, steps=sampling_steps))
         backbone = load_backbone(base, device)
         result = run_benchmark(backbone, settings, out,

@@ -69,6 +69,9 @@ class BenchmarkSettings:
     multi_video_appearance: str = "same"
     modes: tuple[str, ...] = MODES
     seed: int = 0
+    # LoRAs trained per (setting, mode), seeds seed, seed+1, ...; their samples are pooled in one row, so its CI
+    # covers the spread between training runs, not only between samples of one run.
+    training_runs: int = 1
     sampling: SamplingSettings = field(default_factory=lambda: TOY_SAMPLING)
 
 
@@ -138,13 +141,15 @@ def clip_records(backbone: BackboneSpec, clips: list[Clip]) -> list[CacheRecord]
 
 
 def train_config(settings: BenchmarkSettings, backbone: BackboneSpec, mode: str, videos: int,
-                 caption: str) -> TrainConfig:
-    """The training config of one benchmark run (data come as records, so `data` only names them)."""
+                 caption: str, seed: int | None = None) -> TrainConfig:
+    """The training config of one benchmark run (data come as records, so `data` only names them);
+    `seed`: its training seed (default: the settings' seed)."""
     from motiondirector.config import TrainConfig
 
     sampling = settings.sampling
     return TrainConfig.model_validate({
-        "base": backbone.model_id, "device": str(backbone.device), "seed": settings.seed, "steps": settings.steps,
+        "base": backbone.model_id, "device": str(backbone.device), "seed": settings.seed if seed is None else seed,
+        "steps": settings.steps,
         "mode": mode, "lora": {"rank": settings.rank},
         # Reference configs: weight decay 1e-2 for one video, 1e-4 for several.
         "optimizer": {"lr": settings.lr, "weight_decay": 1e-2 if videos == 1 else 1e-4},
@@ -209,36 +214,46 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
                 add({**base_result, "setting": label})
                 continue
             on_stage(f"{label}: {mode}")
-            train_seconds = 0.0
+            train_seconds, runs = 0.0, []
             if mode == "base":
-                frames = generate_scenes(backbone, scenes, seeds, settings.sampling)
-                own = generate_scenes(backbone, own_scenes, own_seeds, settings.sampling)
+                runs.append((settings.seed, generate_scenes(backbone, scenes, seeds, settings.sampling),
+                             generate_scenes(backbone, own_scenes, own_seeds, settings.sampling)))
             else:
                 try:
-                    summary = train(train_config(settings, backbone, mode, videos, reference.caption),
-                                    out / "runs" / f"{videos}v-{mode}", overwrite=True, backbone=backbone,
-                                    records=records)
+                    for run in range(settings.training_runs):
+                        seed = settings.seed + run
+                        folder = f"{videos}v-{mode}" + (f"-seed{seed}" if settings.training_runs > 1 else "")
+                        summary = train(train_config(settings, backbone, mode, videos, reference.caption, seed),
+                                        out / "runs" / folder, overwrite=True, backbone=backbone, records=records)
+                        train_seconds += summary.seconds
+                        with composed(backbone, _inference_choices(summary.packages, mode)):
+                            runs.append((seed, generate_scenes(backbone, scenes, seeds, settings.sampling),
+                                         generate_scenes(backbone, own_scenes, own_seeds, settings.sampling)))
                 except TrainingDiverged as diverged:  # a row that says so, not a lost benchmark
                     on_stage(f"{label}: {mode}: {diverged}")
                     add({"setting": label, "mode": mode, "diverged": str(diverged), "metrics": {}})
                     continue
-                train_seconds = summary.seconds
-                with composed(backbone, _inference_choices(summary.packages, mode)):
-                    frames = generate_scenes(backbone, scenes, seeds, settings.sampling)
-                    own = generate_scenes(backbone, own_scenes, own_seeds, settings.sampling)
-            scores = [score_sample(video, scene, seed, reference, clips[0].trajectory)
-                      for video, scene, seed in zip(frames, scenes, seeds, strict=True)]
-            for row in scores:
-                row["appearance"] = float(np.mean([row[a] for a in ATTRIBUTES]))
-            own_scores = [score_sample(video, reference, seed, None, clips[0].trajectory)
-                          for video, seed in zip(own, own_seeds, strict=True)]
+            scores, own_scores, per_run = [], [], []
+            for seed, run_frames, run_own in runs:
+                run_scores = [score_sample(video, scene, sample_seed, reference, clips[0].trajectory)
+                              for video, scene, sample_seed in zip(run_frames, scenes, seeds, strict=True)]
+                for row in run_scores:
+                    row["appearance"] = float(np.mean([row[a] for a in ATTRIBUTES]))
+                scores += run_scores
+                own_scores += [score_sample(video, reference, sample_seed, None, clips[0].trajectory)
+                               for video, sample_seed in zip(run_own, own_seeds, strict=True)]
+                per_run.append({"seed": seed, "metrics": summarize(run_scores)})
+            frames = runs[0][1]  # the grid and gif show the first training run
             result = {"setting": label, "mode": mode, "train_seconds": round(train_seconds, 1),
                       "metrics": summarize(scores), "samples": scores,
                       "reference_prompt": summarize(own_scores), "reference_prompt_samples": own_scores}
             if mode == "base":
                 base_result = result
             else:
-                result["paired"] = paired_differences(scores, base_result["samples"]) if base_result else {}
+                result["training_runs"] = per_run
+                # Every training run sampled the base's prompts and noise: pair each run with the base samples.
+                result["paired"] = (paired_differences(scores, base_result["samples"] * len(runs))
+                                    if base_result else {})
             add(result)
             grids.setdefault(label, []).append(frames[:4])
             write_gif(frames[0], out / "gifs" / f"{videos}v-{mode}.gif")
@@ -276,6 +291,11 @@ def table_markdown(result: dict) -> str:
     """Table-1-style markdown, mean ± 95% CI per (setting, mode): motion and appearance, then per attribute."""
     header = (f"Reference: \"{result['reference']}\"; {result['samples_per_mode']} samples per row "
               f"(prompts asking for another colour, shape and background × seeds, the same noise in every row).")
+    training_runs = result["settings"].get("training_runs", 1)
+    if training_runs > 1:
+        header += (f" Each LoRA row pools {training_runs} training runs (seeds {result['settings']['seed']}…"
+                   f"{result['settings']['seed'] + training_runs - 1}), each sampled with those prompts and noise: "
+                   f"{training_runs * result['samples_per_mode']} samples, a CI that covers the training runs' spread.")
     others = [c for c in result.get("reference_clips", []) if c != result["reference"]]
     if others:
         header += (" The varied-look rows also train on \"" + "\", \"".join(others) + "\"; leakage is measured "
@@ -305,6 +325,14 @@ def table_markdown(result: dict) -> str:
                    + " | ".join(_signed(row["paired"][k], k in ("appearance", "leak_any")) for k in PAIRED_KEYS) + " |"
                    for row in paired]
         tables += ["", "Δ = paired difference from the base sample with the same prompt and noise (mean ± 95% CI)."]
+    if training_runs > 1:
+        tables += ["", "Per training run (new appearances): how much one LoRA differs from another.", "",
+                   "| setting | mode | seed | " + " | ".join(name for key, name in MOTION_COLUMNS if key in _RUN_KEYS)
+                   + " | appearance accuracy |", "|---|---|---|" + "---|" * (len(_RUN_KEYS) + 1)]
+        tables += [f"| {row['setting']} | {row['mode']} | {run['seed']} | " + " | ".join(
+            format_cell(run["metrics"][key], key in _PERCENT) for key, _ in MOTION_COLUMNS if key in _RUN_KEYS)
+            + f" | {format_cell(run['metrics']['appearance'], True)} |"
+            for row in result["rows"] for run in row.get("training_runs", [])]
     own = [row for row in result["rows"] if row.get("reference_prompt")]
     if own:
         count = len(own[0]["reference_prompt_samples"])
@@ -318,6 +346,7 @@ def table_markdown(result: dict) -> str:
     return "\n".join(tables) + "\n"
 
 
+_RUN_KEYS = ("y_corr", "distinct_corr", "distinct_amp", "one_object")
 _OWN_KEYS = ("motion_fidelity", "x_corr", "y_corr", "distinct_corr", "distinct_amp", "one_object")
 
 
