@@ -79,8 +79,8 @@ def test_benchmark_runs_every_mode_and_setting(toy_like, tmp_path):
     assert [(r["setting"], r["mode"]) for r in logged] == [(r["setting"], r["mode"]) for r in rows]
     assert len(logged[-1]["samples"]) == 4 and "distinct_corr" in logged[-1]["samples"][0]
     table = (tmp_path / "benchmark.md").read_text()
-    # The motion, attribute, paired-Δ and reference-prompt tables.
-    assert table.count("| dual_path |") == 8 and "motion fidelity" in table and "Δ y corr." in table
+    # The motion, attribute, paired-Δ, per-prompt and reference-prompt tables.
+    assert table.count("| dual_path |") == 10 and "motion fidelity" in table and "Δ y corr." in table
     for row in rows:
         assert len(row["reference_prompt_samples"]) == 4 and "y_corr" in row["reference_prompt"]
         assert ("paired" in row) == (row["mode"] != "base")
@@ -140,6 +140,23 @@ def test_benchmark_settings_are_recorded(toy_like, tmp_path):
                        modes=("base",))
     result = run_benchmark(toy_like, settings, tmp_path, on_stage=lambda _: None)
     assert result["settings"]["sampling"]["steps"] == 2 and [r["mode"] for r in result["rows"]] == ["base"]
+
+
+def test_per_prompt_table_groups_samples_by_prompt_across_runs():
+    """Samples run-major, then prompt, then seed: 2 runs × 2 prompts × 2 seeds."""
+    from motiondirector.toyworld.benchmark import per_prompt_table
+
+    prompts = ["a green square moving in a zigzag on a white background",
+               "a yellow square moving in a zigzag on a black background"]
+    y = [0.1, 0.3, 0.5, 0.7, 0.2, 0.4, 0.9, None]
+    samples = [{"y_corr": value, "distinct_amp": 0.1 * index} for index, value in enumerate(y)]
+    result = {"prompts": prompts, "settings": {"seeds": 2},
+              "rows": [{"setting": "6 videos", "mode": "dual_path", "samples": samples}]}
+    header, _, line = per_prompt_table(result)[3:]
+    assert header == "| setting | mode | green square, white | yellow square, black |"
+    # green: samples 0, 1 (run 0) and 4, 5 (run 1); yellow: 2, 3 and 6, 7 (None is not counted).
+    assert line == "| 6 videos | dual_path | 0.25 / 0.25 | 0.70 / 0.45 |"
+    assert per_prompt_table({**result, "prompts": prompts[:1]}) == []
 
 
 def test_training_runs_are_pooled_in_one_row(toy_like, tmp_path):

@@ -39,6 +39,7 @@ from motiondirector.toyworld.render import (
     SHAPES,
     Clip,
     Scene,
+    parse_caption,
     render,
 )
 from motiondirector.train.guard import TrainingDiverged
@@ -325,6 +326,7 @@ def table_markdown(result: dict) -> str:
                    + " | ".join(_signed(row["paired"][k], k in ("appearance", "leak_any")) for k in PAIRED_KEYS) + " |"
                    for row in paired]
         tables += ["", "Δ = paired difference from the base sample with the same prompt and noise (mean ± 95% CI)."]
+    tables += per_prompt_table(result)
     if training_runs > 1:
         tables += ["", "Per training run (new appearances): how much one LoRA differs from another.", "",
                    "| setting | mode | seed | " + " | ".join(name for key, name in MOTION_COLUMNS if key in _RUN_KEYS)
@@ -344,6 +346,28 @@ def table_markdown(result: dict) -> str:
             format_cell(row["reference_prompt"][key], key in _PERCENT) if key in row["reference_prompt"] else "n/a"
             for key, _ in MOTION_COLUMNS if key in _OWN_KEYS) + " |" for row in own]
     return "\n".join(tables) + "\n"
+
+
+def per_prompt_table(result: dict) -> list[str]:
+    """Each prompt's y corr. / distinctive amp. per row: samples of one prompt are alike (their CI in the row
+    tables counts them as independent), so what a row's mean hides between appearances shows here."""
+    prompts, seeds = result["prompts"], result["settings"]["seeds"]
+    rows = [row for row in result["rows"] if row.get("samples")]
+    if len(prompts) < 2 or not rows:
+        return []
+    names = [f"{scene.colour} {scene.shape}, {scene.background}" for scene in map(parse_caption, prompts)]
+    lines = ["", "Per prompt (y corr. / distinctive amp., mean over seeds and training runs):", "",
+             "| setting | mode | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(prompts)]
+    for row in rows:
+        cells = []
+        for index in range(len(prompts)):
+            mine = [sample for position, sample in enumerate(row["samples"])
+                    if (position // seeds) % len(prompts) == index]
+            means = [[s[key] for s in mine if s[key] is not None and np.isfinite(s[key])]
+                     for key in ("y_corr", "distinct_amp")]
+            cells.append(" / ".join(f"{np.mean(values):.2f}" if values else "n/a" for values in means))
+        lines.append(f"| {row['setting']} | {row['mode']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 _RUN_KEYS = ("y_corr", "distinct_corr", "distinct_amp", "one_object")
