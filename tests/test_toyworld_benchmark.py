@@ -181,6 +181,7 @@ def test_training_runs_are_pooled_in_one_row(toy_like, tmp_path):
     assert lora["paired"]["x_corr"][0] == pytest.approx(expected)
     markdown = table_markdown(result)
     assert "pools 2 training runs" in markdown and "| 1 video | dual_path | 1 |" in markdown
+    assert "4 seeds × 2 training runs in the LoRA rows" in markdown
 
 
 def test_distinctive_component_of_the_zigzag():

@@ -337,9 +337,10 @@ def table_markdown(result: dict) -> str:
             for row in result["rows"] for run in row.get("training_runs", [])]
     own = [row for row in result["rows"] if row.get("reference_prompt")]
     if own:
-        count = len(own[0]["reference_prompt_samples"])
-        tables += ["", f"On the reference prompt itself (\"{result['reference']}\", {count} seeds): was the motion "
-                   "learnt at all?", "",
+        count = 2 * result["settings"]["seeds"]  # per training run
+        runs = f" × {training_runs} training runs in the LoRA rows" if training_runs > 1 else ""
+        tables += ["", f"On the reference prompt itself (\"{result['reference']}\", {count} seeds{runs}): was the "
+                   "motion learnt at all?", "",
                    "| setting | mode | " + " | ".join(name for key, name in MOTION_COLUMNS if key in _OWN_KEYS) + " |",
                    "|---|---|" + "---|" * len(_OWN_KEYS)]
         tables += [f"| {row['setting']} | {row['mode']} | " + " | ".join(
