@@ -313,7 +313,9 @@ def test_the_cli_serves_on_a_joined_cluster_and_stops_on_ctrl_c(serve_app, tmp_p
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     process = subprocess.Popen([sys.executable, "-m", "motiondirector.cli", "serve", "--config", str(config),
                                 "--base", "toy", "--catalog", str(serve_app.catalog), "--device", "cpu"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               # A suite started as a background job hands SIGINT down ignored; a terminal would not.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
