@@ -229,7 +229,8 @@ def benchmark_command(
         settings = BenchmarkSettings(
             motion=motion, reference=reference, videos=tuple(videos or (1, 3)), prompts=prompts, seeds=seeds,
             steps=steps, rank=rank, lr=lr, ad_beta=beta, high_share=high_share, high_from=high_from,
-            multi_video_appearance=multi_video_appearance, seed=seed, training_runs=training_runs, **({"modes": tuple(modes)} if modes else {}),
+            multi_video_appearance=multi_video_appearance, seed=seed, training_runs=training_runs,
+            **({"modes": tuple(modes)} if modes else {}),
             sampling=replace(TOY_SAMPLING, guidance=guidance, steps=sampling_steps))
         backbone = load_backbone(base, device)
         result = run_benchmark(backbone, settings, out,
