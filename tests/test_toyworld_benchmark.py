@@ -182,6 +182,8 @@ def test_training_runs_are_pooled_in_one_row(toy_like, tmp_path):
     markdown = table_markdown(result)
     assert "pools 2 training runs" in markdown and "| 1 video | dual_path | 1 |" in markdown
     assert "4 seeds × 2 training runs in the LoRA rows" in markdown
+    with pytest.raises(ValueError, match="training_runs 0"):
+        run_benchmark(toy_like, replace(settings, training_runs=0), tmp_path, on_stage=lambda _: None)
 
 
 def test_distinctive_component_of_the_zigzag():

@@ -182,6 +182,8 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
     for mode in settings.modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if settings.training_runs < 1:
+        raise ValueError(f"training_runs {settings.training_runs}: expected at least 1 LoRA per setting and mode")
     colour, shape, background = parse_appearance(settings.reference)
     reference = Scene(colour, shape, background, settings.motion)
     out.mkdir(parents=True, exist_ok=True)
