@@ -241,6 +241,30 @@ def test_varied_reference_looks_avoid_the_reference_and_every_prompt():
         reference_scenes(reference, prompts, 6, "varied")
 
 
+def test_one_attribute_looks_keep_two_attributes_of_the_reference_and_are_never_prompts():
+    reference = Scene("red", "circle", "grey", "zigzag")
+    prompts = other_appearance_prompts(reference, 12, seed=0)  # every look that differs in all three
+    asked = {p.caption for p in prompts}
+
+    def changed(scene: Scene) -> list[str]:
+        return [a for a in ("colour", "shape", "background") if getattr(scene, a) != getattr(reference, a)]
+
+    colours = reference_scenes(reference, prompts, 4, "colour")
+    assert colours[0] == reference and [s.colour for s in colours[1:]] == ["green", "blue", "yellow"]
+    assert all(changed(s) == ["colour"] for s in colours[1:])
+    assert [s.background for s in reference_scenes(reference, prompts, 3, "background")[1:]] == ["black", "white"]
+    assert [changed(s) for s in reference_scenes(reference, prompts, 3, "shape")[1:]] == [["shape"], ["shape"]]
+    # one-factor: the attributes in turn, so four videos already vary each of them; 1 + 3 + 2 + 2 looks in all
+    every = reference_scenes(reference, prompts, 8, "one-factor")
+    assert [changed(s) for s in every[1:4]] == [["colour"], ["shape"], ["background"]]
+    assert len({s.caption for s in every}) == 8 and not asked & {s.caption for s in every}
+    assert all(len(changed(s)) == 1 for s in every[1:])
+    with pytest.raises(ValueError, match="4 videos of background only need 3 appearances.*only 2"):
+        reference_scenes(reference, prompts, 4, "background")
+    with pytest.raises(ValueError, match="expected one of same, varied"):
+        reference_scenes(reference, prompts, 1, "mixed")
+
+
 def test_demo_shows_the_lora_on_a_new_look_and_on_the_reference_prompt(toy_like_dir, tmp_path):
     import shutil
 

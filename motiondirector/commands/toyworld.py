@@ -203,8 +203,10 @@ def benchmark_command(
         "default: the base model's, 0.5 at zero terminal SNR)."))] = None,
     high_from: Annotated[int, typer.Option("--high-from", min=0)] = 800,
     multi_video_appearance: Annotated[str, typer.Option(
-        "--multi-video-appearance", help=("same: several videos are the reference look with other seeds; varied: "
-                                          "each video another look (none of them among the prompts)."))] = "same",
+        "--multi-video-appearance", help=(
+            "same: several videos are the reference look with other seeds; varied: each video another look "
+            "(none of them among the prompts); colour, shape, background: each extra video changes only that "
+            "attribute of the reference; one-factor: one attribute at a time, in turn."))] = "same",
     modes: Annotated[list[str] | None, typer.Option(
         "--modes", help="Modes to run, in this order; repeat (default: base coupled dual_path_no_ad dual_path).")] = None,
     guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,

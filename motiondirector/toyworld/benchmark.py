@@ -13,8 +13,8 @@ import json
 import random
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from itertools import product
+from dataclasses import asdict, dataclass, field, replace
+from itertools import product, zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,18 +105,43 @@ def other_appearance_prompts(reference: Scene, count: int, seed: int) -> list[Sc
     return others[:count]
 
 
+# How the extra clips of a multi-video setting look (`--multi-video-appearance`).
+MULTI_VIDEO_APPEARANCES = {
+    "same": "",  # the reference appearance, other seeds
+    "varied": "varied look",  # the paper's setting: each clip differs from the reference in every attribute
+    "colour": "colour only",  # each clip differs from the reference in one attribute only ...
+    "shape": "shape only",
+    "background": "background only",
+    "one-factor": "one attribute each",  # ... colour, shape and background in turn: every value seen, no prompt's mix
+}
+_ATTRIBUTE_VALUES = {"colour": tuple(OBJECT_COLOURS), "shape": SHAPES, "background": tuple(BACKGROUNDS)}
+
+
+def _one_attribute_changed(reference: Scene, attribute: str) -> list[Scene]:
+    return [replace(reference, **{attribute: value}) for value in _ATTRIBUTE_VALUES[attribute]
+            if value != getattr(reference, attribute)]
+
+
 def reference_scenes(reference: Scene, prompts: list[Scene], videos: int, appearance: str) -> list[Scene]:
-    """The scene of each reference clip: the reference, then (`varied`) appearances that differ from it in
-    colour, shape and background and are none of the prompts, so every sampled appearance stays unseen."""
+    """The scene of each reference clip: the reference, then the extra looks `appearance` names. None of them is
+    a prompt: `varied` draws looks that differ from the reference in colour, shape and background and are not
+    asked for; the one-attribute modes share two attributes with the reference, which no prompt does."""
+    if appearance not in MULTI_VIDEO_APPEARANCES:
+        raise ValueError(f"multi-video appearance {appearance!r}: expected one of {', '.join(MULTI_VIDEO_APPEARANCES)}")
     if appearance == "same" or videos == 1:
         return [reference] * videos
-    if appearance != "varied":
-        raise ValueError(f"multi-video appearance {appearance!r}: expected 'same' or 'varied'")
-    asked = {p.caption for p in prompts}
-    spare = [s for s in _other_appearances(reference, seed=0) if s.caption not in asked]
+    if appearance == "varied":
+        asked = {p.caption for p in prompts}
+        spare = [s for s in _other_appearances(reference, seed=0) if s.caption not in asked]
+    elif appearance == "one-factor":  # round-robin over the attributes, so a few videos already vary all three
+        per_attribute = [_one_attribute_changed(reference, a) for a in _ATTRIBUTE_VALUES]
+        spare = [s for looks in zip_longest(*per_attribute) for s in looks if s is not None]
+    else:
+        spare = _one_attribute_changed(reference, appearance)
     if len(spare) < videos - 1:
-        raise ValueError(f"{videos} videos of varied appearance need {videos - 1} appearances besides the reference "
-                         f"and the {len(prompts)} prompts; only {len(spare)} are left (ask for fewer videos or prompts)")
+        raise ValueError(f"{videos} videos of {MULTI_VIDEO_APPEARANCES[appearance]} need {videos - 1} appearances "
+                         f"besides the reference and the {len(prompts)} prompts; only {len(spare)} are left "
+                         f"(ask for fewer videos or prompts)")
     return [reference, *spare[:videos - 1]]
 
 
@@ -211,8 +236,8 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
         records = clip_records(backbone, clips[:videos])
         for mode in settings.modes:
             label = f"{videos} video{'s' if videos > 1 else ''}"
-            if videos > 1 and settings.multi_video_appearance == "varied":
-                label += " (varied look)"
+            if videos > 1 and MULTI_VIDEO_APPEARANCES[settings.multi_video_appearance]:
+                label += f" ({MULTI_VIDEO_APPEARANCES[settings.multi_video_appearance]})"
             if mode == "base" and base_result is not None:
                 add({**base_result, "setting": label})
                 continue
@@ -301,7 +326,7 @@ def table_markdown(result: dict) -> str:
                    f"{training_runs * result['samples_per_mode']} samples, a CI that covers the training runs' spread.")
     others = [c for c in result.get("reference_clips", []) if c != result["reference"]]
     if others:
-        header += (" The varied-look rows also train on \"" + "\", \"".join(others) + "\"; leakage is measured "
+        header += (" The multi-video rows also train on \"" + "\", \"".join(others) + "\"; leakage is measured "
                    "against the first reference.")
     motion = ["| setting | mode | appearance accuracy | leakage (any) | " + " | ".join(c[1] for c in MOTION_COLUMNS)
               + " |", "|---|---|---|---|" + "---|" * len(MOTION_COLUMNS)]
