@@ -241,7 +241,7 @@ def test_varied_reference_looks_avoid_the_reference_and_every_prompt():
         reference_scenes(reference, prompts, 6, "varied")
 
 
-def test_one_attribute_looks_keep_two_attributes_of_the_reference_and_are_never_prompts():
+def test_attribute_looks_change_only_their_attributes_and_are_never_prompts():
     reference = Scene("red", "circle", "grey", "zigzag")
     prompts = other_appearance_prompts(reference, 12, seed=0)  # every look that differs in all three
     asked = {p.caption for p in prompts}
@@ -259,6 +259,13 @@ def test_one_attribute_looks_keep_two_attributes_of_the_reference_and_are_never_
     assert [changed(s) for s in every[1:4]] == [["colour"], ["shape"], ["background"]]
     assert len({s.caption for s in every}) == 8 and not asked & {s.caption for s in every}
     assert all(len(changed(s)) == 1 for s in every[1:])
+    # colour-background: every colour/background pair on the reference's shape, so no prompt's shape is seen
+    pairs = reference_scenes(reference, prompts, 12, "colour-background")
+    assert {s.shape for s in pairs} == {"circle"} and not asked & {s.caption for s in pairs}
+    assert len({(s.colour, s.background) for s in pairs}) == 12
+    assert {(p.colour, p.background) for p in prompts} <= {(s.colour, s.background) for s in pairs}
+    with pytest.raises(ValueError, match="13 videos of colour × background need 12 appearances.*only 11"):
+        reference_scenes(reference, prompts, 13, "colour-background")
     with pytest.raises(ValueError, match="4 videos of background only need 3 appearances.*only 2"):
         reference_scenes(reference, prompts, 4, "background")
     with pytest.raises(ValueError, match="expected one of same, varied"):

@@ -206,7 +206,8 @@ def benchmark_command(
         "--multi-video-appearance", help=(
             "same: several videos are the reference look with other seeds; varied: each video another look "
             "(none of them among the prompts); colour, shape, background: each extra video changes only that "
-            "attribute of the reference; one-factor: one attribute at a time, in turn."))] = "same",
+            "attribute of the reference; one-factor: one attribute at a time, in turn; colour-background: the "
+            "reference's shape in the other colour and background pairs (12 videos: all of them)."))] = "same",
     modes: Annotated[list[str] | None, typer.Option(
         "--modes", help="Modes to run, in this order; repeat (default: base coupled dual_path_no_ad dual_path).")] = None,
     guidance: Annotated[float, typer.Option("--guidance", min=0.0)] = 6.0,

@@ -113,6 +113,7 @@ MULTI_VIDEO_APPEARANCES = {
     "shape": "shape only",
     "background": "background only",
     "one-factor": "one attribute each",  # ... colour, shape and background in turn: every value seen, no prompt's mix
+    "colour-background": "colour × background",  # the reference's shape in every other colour/background pair
 }
 _ATTRIBUTE_VALUES = {"colour": tuple(OBJECT_COLOURS), "shape": SHAPES, "background": tuple(BACKGROUNDS)}
 
@@ -125,7 +126,7 @@ def _one_attribute_changed(reference: Scene, attribute: str) -> list[Scene]:
 def reference_scenes(reference: Scene, prompts: list[Scene], videos: int, appearance: str) -> list[Scene]:
     """The scene of each reference clip: the reference, then the extra looks `appearance` names. None of them is
     a prompt: `varied` draws looks that differ from the reference in colour, shape and background and are not
-    asked for; the one-attribute modes share two attributes with the reference, which no prompt does."""
+    asked for; the other modes keep at least the reference's shape, which no prompt has."""
     if appearance not in MULTI_VIDEO_APPEARANCES:
         raise ValueError(f"multi-video appearance {appearance!r}: expected one of {', '.join(MULTI_VIDEO_APPEARANCES)}")
     if appearance == "same" or videos == 1:
@@ -136,6 +137,9 @@ def reference_scenes(reference: Scene, prompts: list[Scene], videos: int, appear
     elif appearance == "one-factor":  # round-robin over the attributes, so a few videos already vary all three
         per_attribute = [_one_attribute_changed(reference, a) for a in _ATTRIBUTE_VALUES]
         spare = [s for looks in zip_longest(*per_attribute) for s in looks if s is not None]
+    elif appearance == "colour-background":  # a prompt's colour and background are seen together, its shape is not
+        spare = [replace(reference, colour=c, background=b) for c, b in product(OBJECT_COLOURS, BACKGROUNDS)
+                 if (c, b) != (reference.colour, reference.background)]
     else:
         spare = _one_attribute_changed(reference, appearance)
     if len(spare) < videos - 1:
