@@ -126,7 +126,7 @@ def _one_attribute_changed(reference: Scene, attribute: str) -> list[Scene]:
 def reference_scenes(reference: Scene, prompts: list[Scene], videos: int, appearance: str) -> list[Scene]:
     """The scene of each reference clip: the reference, then the extra looks `appearance` names. None of them is
     a prompt: `varied` draws looks that differ from the reference in colour, shape and background and are not
-    asked for; the other modes keep at least the reference's shape, which no prompt has."""
+    asked for; the other modes keep one or two of the reference's attributes, which no prompt shares."""
     if appearance not in MULTI_VIDEO_APPEARANCES:
         raise ValueError(f"multi-video appearance {appearance!r}: expected one of {', '.join(MULTI_VIDEO_APPEARANCES)}")
     if appearance == "same" or videos == 1:
