@@ -186,6 +186,35 @@ def test_training_runs_are_pooled_in_one_row(toy_like, tmp_path):
         run_benchmark(toy_like, replace(settings, training_runs=0), tmp_path, on_stage=lambda _: None)
 
 
+def test_mode_contrasts_pair_lora_rows_of_one_setting():
+    """dual_path − coupled and dual_path − dual_path_no_ad, sample by sample, only within one setting."""
+    from motiondirector.toyworld.benchmark import PAIRED_KEYS, mode_contrasts, table_markdown
+
+    def row(setting, mode, y_values):
+        samples = [{key: 0.0 for key in PAIRED_KEYS} | {"y_corr": y} for y in y_values]
+        return {"setting": setting, "mode": mode, "samples": samples}
+
+    rows = [row("4 videos", "base", [0.0, 0.0, 0.0]), row("4 videos", "coupled", [0.5, 0.1, 0.3]),
+            row("4 videos", "dual_path", [0.9, 0.2, 0.4]), row("1 video", "dual_path_no_ad", [0.0, 0.0, 0.0]),
+            row("1 video", "dual_path", [1.0, 1.0, 1.0, 1.0])]  # other setting; and its no-AD row has 3 samples
+    contrasts = mode_contrasts(rows)
+    assert [(c["setting"], c["contrast"]) for c in contrasts] == [("4 videos", "dual_path − coupled")]
+    mean, ci = contrasts[0]["paired"]["y_corr"]
+    assert mean == pytest.approx(np.mean([0.4, 0.1, 0.1])) and ci > 0
+    assert contrasts[0]["paired"]["one_object"] == (0.0, 0.0)
+    result = {"reference": "a red circle", "samples_per_mode": 3, "settings": {"seeds": 3}, "prompts": ["x"],
+              "rows": [r | {"metrics": _metrics()} for r in rows[:3]]}
+    assert "| 4 videos | dual_path − coupled | +0.00 ± 0.00 | +0.20 ± " in table_markdown(result)
+
+
+def _metrics() -> dict:
+    from motiondirector.toyworld.benchmark import MOTION_COLUMNS
+    from motiondirector.toyworld.probes import ATTRIBUTES
+
+    keys = [k for k, _ in MOTION_COLUMNS] + ["appearance", "leak_any", *ATTRIBUTES, *(f"leak_{a}" for a in ATTRIBUTES)]
+    return {key: (0.0, 0.0) for key in keys}
+
+
 def test_distinctive_component_of_the_zigzag():
     """The zigzag's vertical swing is its distinctive component; the left-to-right sweep alone does not pass."""
     reference = render(Scene("red", "circle", "grey", "zigzag"), seed=0).trajectory

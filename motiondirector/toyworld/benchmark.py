@@ -300,7 +300,12 @@ def run_benchmark(backbone: BackboneSpec, settings: BenchmarkSettings, out: Path
     return result
 
 
-PAIRED_KEYS = ("motion_fidelity", "y_corr", "distinct_corr", "distinct_amp", "x_corr", "appearance", "leak_any")
+PAIRED_KEYS = ("motion_fidelity", "y_corr", "distinct_corr", "distinct_amp", "x_corr", "appearance", "leak_any",
+               "one_object")
+_PAIRED_PERCENT = {"appearance", "leak_any", "one_object"}
+# The paper's two comparisons between LoRA modes: dual-path against one coupled LoRA set (is the motion untied
+# from the reference's look?) and against dual-path without the appearance-debiased loss (does L_ad help?).
+MODE_CONTRASTS = (("dual_path", "coupled"), ("dual_path", "dual_path_no_ad"))
 
 
 def paired_differences(scores: list[dict], base_scores: list[dict]) -> dict[str, tuple[float, float]]:
@@ -311,6 +316,20 @@ def paired_differences(scores: list[dict], base_scores: list[dict]) -> dict[str,
         pairs = [(a.get(key), b.get(key)) for a, b in zip(scores, base_scores, strict=True)]
         differences[key] = mean_ci([float(a) - float(b) for a, b in pairs if a is not None and b is not None])
     return differences
+
+
+def mode_contrasts(rows: list[dict]) -> list[dict]:
+    """Paired (mode − other mode) per setting: LoRA rows of one setting share prompts, noise and training seeds,
+    so sample i of one row pairs with sample i of the other (row means alone hide how consistent a gap is)."""
+    by_key = {(row["setting"], row["mode"]): row for row in rows if row.get("samples")}
+    contrasts = []
+    for (setting, mode), row in by_key.items():
+        for first, second in MODE_CONTRASTS:
+            other = by_key.get((setting, second))
+            if mode == first and other and len(other["samples"]) == len(row["samples"]):
+                contrasts.append({"setting": setting, "contrast": f"{first} − {second}",
+                                  "paired": paired_differences(row["samples"], other["samples"])})
+    return contrasts
 
 
 MOTION_COLUMNS = (("motion_fidelity", "motion fidelity"), ("fidelity", "axes mean"), ("x_corr", "x corr."),
@@ -350,13 +369,13 @@ def table_markdown(result: dict) -> str:
     tables = [header, "", *motion, "", *attributes]
     paired = [row for row in result["rows"] if row.get("paired")]
     if paired:
-        names = {"appearance": "appearance", "leak_any": "leakage", **dict(MOTION_COLUMNS)}
-        tables += ["", "| setting | mode | " + " | ".join(f"Δ {names[k]}" for k in PAIRED_KEYS) + " |",
-                   "|---|---|" + "---|" * len(PAIRED_KEYS)]
-        tables += [f"| {row['setting']} | {row['mode']} | "
-                   + " | ".join(_signed(row["paired"][k], k in ("appearance", "leak_any")) for k in PAIRED_KEYS) + " |"
-                   for row in paired]
+        tables += _paired_table(paired, "mode")
         tables += ["", "Δ = paired difference from the base sample with the same prompt and noise (mean ± 95% CI)."]
+    contrasts = mode_contrasts(result["rows"])
+    if contrasts:
+        tables += _paired_table(contrasts, "contrast")
+        tables += ["", "Δ between LoRA modes: each sample minus the other mode's sample with the same prompt, noise "
+                   "and training seed (mean ± 95% CI)."]
     tables += per_prompt_table(result)
     if training_runs > 1:
         tables += ["", "Per training run (new appearances): how much one LoRA differs from another.", "",
@@ -378,6 +397,15 @@ def table_markdown(result: dict) -> str:
             format_cell(row["reference_prompt"][key], key in _PERCENT) if key in row["reference_prompt"] else "n/a"
             for key, _ in MOTION_COLUMNS if key in _OWN_KEYS) + " |" for row in own]
     return "\n".join(tables) + "\n"
+
+
+def _paired_table(rows: list[dict], column: str) -> list[str]:
+    names = {"appearance": "appearance", "leak_any": "leakage", **dict(MOTION_COLUMNS)}
+    lines = ["", f"| setting | {column} | " + " | ".join(f"Δ {names[k]}" for k in PAIRED_KEYS) + " |",
+             "|---|---|" + "---|" * len(PAIRED_KEYS)]
+    return lines + [f"| {row['setting']} | {row[column]} | "
+                    + " | ".join(_signed(row["paired"][k], k in _PAIRED_PERCENT) for k in PAIRED_KEYS) + " |"
+                    for row in rows]
 
 
 def per_prompt_table(result: dict) -> list[str]:
